@@ -1,0 +1,40 @@
+"""pfunc: functional, JAX-style parametrizations for PyTorch, built on ``torch.func``.
+
+>>> import torch, pfunc as pf
+>>> from pfunc.parametrizations import Symmetric
+>>> net = pf.parametrize(torch.nn.Linear(4, 4), {"weight": Symmetric()})
+>>> params, state = net.init()
+>>> out, state = net(params, state, torch.randn(2, 4))
+>>> out.shape
+torch.Size([2, 4])
+"""
+
+from . import ensemble, parametrizations, power, spectral, tree
+from .spectral import singular_values, spectral_norm_spec
+from .chain import Chain, Step, as_step
+from .interop import from_torch, split_state_dict, to_torch
+from .parametrize import Parametrized, is_parametrized, parametrize
+
+ParametrizationList = Chain  # torch's name for a chain of parametrizations on one tensor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Parametrized",
+    "parametrize",
+    "is_parametrized",
+    "Chain",
+    "ParametrizationList",
+    "Step",
+    "as_step",
+    "from_torch",
+    "to_torch",
+    "split_state_dict",
+    "ensemble",
+    "spectral",
+    "spectral_norm_spec",
+    "singular_values",
+    "parametrizations",
+    "power",
+    "tree",
+]

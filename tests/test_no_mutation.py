@@ -1,0 +1,98 @@
+"""Principle 1: no pfunc call touches the module (type, tensors, values, attributes), in train and eval."""
+
+import pytest
+import torch
+from torch import nn
+
+import pfunc as pf
+from pfunc.parametrizations import Mask, Orthogonal, Skew, SpectralNorm, Symmetric, WeightNorm
+
+
+class CayleyMap(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.register_buffer("Id", torch.eye(n))
+
+    def forward(self, X):
+        return torch.linalg.solve(self.Id + X, self.Id - X)
+
+    def right_inverse(self, A):
+        return torch.linalg.solve(self.Id + A, self.Id - A)
+
+
+def _snapshot(module):
+    return [
+        (
+            type(m),
+            sorted(m.__dict__),
+            {n: (id(t), t.detach().clone(), t.requires_grad) for n, t in m._parameters.items() if t is not None},
+            {n: (id(t), t.detach().clone()) for n, t in m._buffers.items() if t is not None},
+            m.training,
+        )
+        for m in module.modules()
+    ]
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for (ta, da, pa, ba, tra), (tb, db, pb, bb, trb) in zip(a, b):
+        assert ta is tb and da == db and tra == trb
+        assert pa.keys() == pb.keys() and ba.keys() == bb.keys()
+        for k in pa:
+            assert pa[k][0] == pb[k][0] and torch.equal(pa[k][1], pb[k][1]) and pa[k][2] == pb[k][2]
+        for k in ba:
+            assert ba[k][0] == bb[k][0] and torch.equal(ba[k][1], bb[k][1])
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_no_pfunc_call_mutates_the_module_or_its_parametrizations(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.Linear(4, 3), nn.Linear(3, 3))
+    getattr(model, mode)()
+    cayley = CayleyMap(4)
+    watched = nn.ModuleList([model, cayley])
+    before = _snapshot(watched)
+    net = pf.parametrize(
+        model,
+        {
+            "0.weight": [Skew(), cayley],
+            "2.weight": SpectralNorm(),
+            "3.weight": WeightNorm(),
+            "4.weight": [Symmetric(), Orthogonal()],
+            "4.bias": Mask(p_drop=0.5),
+        },
+    )
+    params, state = net.init(generator=torch.Generator().manual_seed(0))
+    x = torch.randn(6, 4)
+    for training in (True, False, None):
+        out, state = net(params, state, x, training=training)
+        values, state = net.materialize(params, state, training=training)
+        net.apply(values, x)
+    torch.func.grad(lambda p: net(p, state, x)[0].sum())(params)
+    Q = torch.linalg.qr(torch.randn(3, 3))[0]
+    params, state = net.assign(params, state, {"4.weight": Q, "0.bias": torch.zeros(4)})
+    net2, p2, s2 = net.register(params, state, "0.bias", torch.nn.Identity())
+    net3, p3, s3 = net2.remove(p2, s2, "0.weight", leave_parametrized=True)
+    net3.remove(p3, s3, "3.weight", leave_parametrized=True)
+    twin = pf.to_torch(net, params, state)
+    twin(x)
+    pf.ensemble.init(net, pf.ensemble.generators(0, 2))
+    _assert_same(before, _snapshot(watched))
+
+
+def test_failed_calls_leave_params_and_state_unchanged():
+    net = pf.parametrize(nn.Linear(3, 3), {"weight": [Skew(), CayleyMap(3)], "bias": Mask(p_drop=0.5)})
+    params, state = net.init()
+    kept_p = {k: v.detach().clone() for k, v in params.items()}
+    kept_s = {k: v.clone() for k, v in state.items()}
+    with pytest.raises(ValueError):
+        net.assign(params, state, {"bias": torch.zeros(3), "nope": torch.zeros(3)})  # second key fails
+    with pytest.raises(ValueError):
+        net.register(params, state, "weight", lambda X: X[:-1])
+    skew = pf.parametrize(nn.Linear(3, 3), {"weight": Skew()})
+    with pytest.raises(ValueError, match="gives 'parametrizations.weight.original' the shape"):
+        skew.assign(*skew.init(), {"weight": torch.eye(4)})
+    for k in params:
+        assert torch.equal(params[k], kept_p[k])
+    for k in state:
+        assert torch.equal(state[k], kept_s[k])
