@@ -1,0 +1,362 @@
+"""An ensemble of spectrally normalised MLPs trained at once with ``torch.func.vmap``.
+
+``N`` members, each initialised from its own generator and fed its own data order,
+live in one stacked ``(params, state)`` (every leaf has a leading member dim) and are
+trained by one ``torch.optim.Adam`` over the stacked tensors: Adam is elementwise, so
+this is exactly ``N`` independent Adams. Spectral norm runs in training mode under
+``vmap`` (torch's own cannot: its power iteration writes with ``out=``). Member ``k``
+of the vmapped run equals a solo run of member ``k`` with the same seeds; the run
+checks that, times a vmapped step against a Python loop of ``N`` modules with
+``torch.nn.utils.parametrizations.spectral_norm`` (one Adam each), and scores the
+ensemble on two interleaved spirals.
+
+Run from the repository root::
+
+    python -m examples.ensemble                      # about a minute on 2 CPU cores
+    python -m examples.ensemble --members 4 --steps 20 --timing-budget 1 --timing-repeats 2   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import pfunc as pf
+from benchmarks.timing import measure
+from examples.plotting import save_scatter
+from pfunc.parametrizations import SpectralNorm
+from pfunc.spectral import spectral_norm_spec
+
+__all__ = [
+    "spirals",
+    "mlp",
+    "spectral_mlp",
+    "batch_order",
+    "init_members",
+    "train_ensemble",
+    "train_solo",
+    "torch_twins",
+    "compare_speed",
+    "far_points",
+    "evaluate",
+    "max_abs_diff",
+    "save_decision_map",
+    "main",
+]
+
+Tree = dict  # dict[str, Tensor]
+
+
+def spirals(n: int, noise: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Two interleaved spirals: ``(x (n, 2), label (n,))`` with labels 0/1, radius up to 1."""
+    label = torch.randint(0, 2, (n,), generator=generator)
+    t = torch.rand(n, generator=generator) ** 0.5 * 2.5 * math.pi + 0.3
+    angle = t + math.pi * label
+    r = t / (2.8 * math.pi)
+    x = torch.stack([r * torch.cos(angle), r * torch.sin(angle)], dim=-1)
+    return x + noise * torch.randn(n, 2, generator=generator), label.float()
+
+
+def mlp(hidden: int, depth: int = 3) -> nn.Sequential:
+    """``2 -> hidden -> ... -> 1`` with ReLU, ``depth`` linear layers."""
+    sizes = [2] + [hidden] * (depth - 1)
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(sizes[-1], 1))
+
+
+def _hidden_layers(module: nn.Sequential) -> Callable[[str, nn.Module, Tensor], bool]:
+    last = str(len(module) - 1)
+    return lambda name, layer, t: t.ndim >= 2 and not name.startswith(last + ".")
+
+
+def spectral_mlp(hidden: int, depth: int = 3, scale: float = 8.0) -> tuple[pf.Parametrized, nn.Sequential]:
+    """The MLP with torch's spectral norm on every hidden weight (the readout stays free, so the
+    logit scale can grow), inputs multiplied by ``scale`` first. Returns ``(net, module)``."""
+    module = nn.Sequential(_Scale(scale), *mlp(hidden, depth))
+    return pf.parametrize(module, spectral_norm_spec(module, SpectralNorm(), include=_hidden_layers(module))), module
+
+
+class _Scale(nn.Module):
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+def batch_order(n: int, batch: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Endless minibatch indices ``(batch,)``: a fresh permutation of ``range(n)`` per epoch."""
+    if batch > n:
+        raise ValueError(f"batch_order: batch ({batch}) is larger than the data ({n})")
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for i in range(0, n - batch + 1, batch):
+            yield perm[i : i + batch]
+
+
+def init_members(net: pf.Parametrized, seed: int, members: int) -> tuple[Tree, Tree]:
+    """Stacked ``(params, state)``; member ``k`` is initialised from generator ``seed + k`` alone.
+
+    The stacked params are made leaves (``torch.optim`` refuses the outputs of ``torch.stack``).
+    """
+    params, state = pf.ensemble.init(net, pf.ensemble.generators(seed, members))
+    return {k: v.detach().requires_grad_(v.requires_grad) for k, v in params.items()}, state
+
+
+def _loss(net: pf.Parametrized, p: Tree, s: Tree, x: Tensor, y: Tensor) -> tuple[Tensor, Tree]:
+    logits, s = net(p, s, x, training=True)
+    return F.binary_cross_entropy_with_logits(logits.squeeze(-1), y), s
+
+
+def train_ensemble(
+    net: pf.Parametrized,
+    data: tuple[Tensor, Tensor],
+    members: int,
+    steps: int,
+    batch: int,
+    lr: float,
+    init_seed: int,
+    data_seed: int,
+) -> tuple[Tree, Tree, Tensor]:
+    """``members`` models trained together: one vmapped forward/backward and one Adam step per step.
+
+    Returns the stacked ``(params, state)`` and the losses ``(steps, members)``.
+    """
+    x, y = data
+    params, state = init_members(net, init_seed, members)
+    orders = [batch_order(len(x), batch, g) for g in pf.ensemble.generators(data_seed, members)]
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    step_losses = torch.func.vmap(lambda p, s, xb, yb: _loss(net, p, s, xb, yb))
+    history = []
+    for _ in range(steps):
+        idx = torch.stack([next(o) for o in orders])  # (members, batch)
+        losses, state = step_losses(params, state, x[idx], y[idx])
+        opt.zero_grad(set_to_none=True)
+        losses.sum().backward()  # member k's slice of the grad is d loss_k / d params_k
+        opt.step()
+        history.append(losses.detach())
+    return params, state, torch.stack(history)
+
+
+def train_solo(
+    net: pf.Parametrized,
+    data: tuple[Tensor, Tensor],
+    member: int,
+    steps: int,
+    batch: int,
+    lr: float,
+    init_seed: int,
+    data_seed: int,
+) -> tuple[Tree, Tree, Tensor]:
+    """Member ``member`` alone, without vmap: same generators as in :func:`train_ensemble`."""
+    x, y = data
+    params, state = pf.ensemble.member(init_members(net, init_seed + member, 1), 0)
+    params = {k: v.detach().requires_grad_(v.requires_grad) for k, v in params.items()}
+    order = batch_order(len(x), batch, pf.ensemble.generators(data_seed + member, 1)[0])
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    history = []
+    for _ in range(steps):
+        idx = next(order)
+        loss, state = _loss(net, params, state, x[idx], y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(loss.detach())
+    return params, state, torch.stack(history)
+
+
+def torch_twins(net: pf.Parametrized, params: Tree, state: Tree) -> list[nn.Module]:
+    """Every member as its own module parametrized in place by torch (``spectral_norm``), same values."""
+    return [pf.to_torch(net, p, s) for p, s in zip(pf.tree.unstack(params), pf.tree.unstack(state))]
+
+
+def compare_speed(
+    net: pf.Parametrized,
+    data: tuple[Tensor, Tensor],
+    members: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    budget_s: float = 5.0,
+    min_repeats: int = 5,
+) -> dict:
+    """Seconds of one training step of all members (medians of interleaved rounds, see
+    :func:`benchmarks.timing.measure`): pfunc vmapped vs a Python loop of torch modules."""
+    x, y = data
+    params, state = init_members(net, seed, members)
+    twins = torch_twins(net, params, state)
+    for m in twins:
+        m.train()
+    opts = [torch.optim.Adam(m.parameters(), lr=lr) for m in twins]
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(x), (members, batch), generator=g)
+    xb, yb = x[idx], y[idx]
+    step_losses = torch.func.vmap(lambda p, s, a, b: _loss(net, p, s, a, b))
+    box = {"state": state}
+
+    def vmapped_step():
+        losses, box["state"] = step_losses(params, box["state"], xb, yb)
+        opt.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        opt.step()
+
+    def torch_loop_step():
+        for k, (m, o) in enumerate(zip(twins, opts)):
+            loss = F.binary_cross_entropy_with_logits(m(xb[k]).squeeze(-1), yb[k])
+            o.zero_grad(set_to_none=True)
+            loss.backward()
+            o.step()
+
+    timing = measure({"vmapped": vmapped_step, "torch_loop": torch_loop_step}, budget_s=budget_s, min_repeats=min_repeats, warmup=2)
+    return {
+        "vmapped_seconds_per_step": timing.medians["vmapped"],
+        "torch_loop_seconds_per_step": timing.medians["torch_loop"],
+        "speedup": timing.ratio("torch_loop", "vmapped"),
+        "repeats": timing.repeats,
+        "iqr_fraction": {name: timing.iqr_fraction(name) for name in ("vmapped", "torch_loop")},
+    }
+
+
+def max_abs_diff(a: Tree, b: Tree) -> float:
+    """Largest ``|a[k] - b[k]|`` over the keys of two trees with the same keys."""
+    if a.keys() != b.keys():
+        raise KeyError(f"max_abs_diff: different keys: {sorted(a.keys() ^ b.keys())}")
+    return max((float((a[k].detach() - b[k].detach()).abs().max()) for k in a), default=0.0)
+
+
+def far_points(n: int, generator: torch.Generator, radius: tuple[float, float] = (2.0, 4.0)) -> Tensor:
+    """``(n, 2)`` points on an annulus well outside the spirals (which reach radius 1)."""
+    angle = torch.rand(n, generator=generator) * 2 * math.pi
+    r = radius[0] + (radius[1] - radius[0]) * torch.rand(n, generator=generator)
+    return torch.stack([r * torch.cos(angle), r * torch.sin(angle)], dim=-1)
+
+
+def evaluate(net: pf.Parametrized, params: Tree, state: Tree, data: tuple[Tensor, Tensor], far: Tensor) -> dict:
+    """Eval-mode scores: test accuracy of each member and of the ensemble (mean probability), and
+    the members' disagreement (std of their probabilities, averaged) on the test data and on ``far``."""
+    x, y = data
+
+    def probabilities(inputs):
+        with torch.no_grad():
+            logits, _ = pf.ensemble.call(net, params, state, inputs, training=False)
+        return torch.sigmoid(logits.squeeze(-1))  # (members, n)
+
+    probs = probabilities(x)
+    member_acc = ((probs > 0.5).float() == y).float().mean(dim=1)
+    ensemble_acc = ((probs.mean(0) > 0.5).float() == y).float().mean()
+    return {
+        "member_accuracy_mean": float(member_acc.mean()),
+        "member_accuracy_min": float(member_acc.min()),
+        "member_accuracy_max": float(member_acc.max()),
+        "ensemble_accuracy": float(ensemble_acc),
+        "disagreement_test": float(probs.std(dim=0).mean()),
+        "disagreement_far": float(probabilities(far).std(dim=0).mean()),
+    }
+
+
+def save_decision_map(path: Path, net: pf.Parametrized, params: Tree, state: Tree, data: tuple[Tensor, Tensor], n: int = 48) -> None:
+    """Scatter PNG: an ``n x n`` grid coloured by the ensemble's class, grid points where the
+    members disagree (probability std > 0.05) marked apart, and the training points on top."""
+    axis = torch.linspace(-1.3, 1.3, n)
+    grid = torch.cartesian_prod(axis, axis)
+    with torch.no_grad():
+        logits, _ = pf.ensemble.call(net, params, state, grid, training=False)
+    probs = torch.sigmoid(logits.squeeze(-1))
+    mean, spread = probs.mean(0), probs.std(0)
+    x, y = data
+    save_scatter(
+        path,
+        {
+            "ensemble: class 0": grid[mean <= 0.5],
+            "ensemble: class 1": grid[mean > 0.5],
+            "members disagree": grid[spread > 0.05],
+            "training data, class 0": x[y == 0],
+            "training data, class 1": x[y == 1],
+        },
+        title=f"{probs.shape[0]} members",
+        bounds=(-1.3, 1.3, -1.3, 1.3),
+        marker=3,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--members", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--train-size", type=int, default=512)
+    p.add_argument("--noise", type=float, default=0.05)
+    p.add_argument("--check-member", type=int, default=3, help="member re-trained alone to check equality")
+    p.add_argument("--check-steps", type=int, default=50, help="steps of the equality check")
+    p.add_argument("--timing-budget", type=float, default=10.0, help="seconds for the timing comparison")
+    p.add_argument("--timing-repeats", type=int, default=5, help="at least this many timed rounds (medians)")
+    p.add_argument("--seed", type=int, default=0, help="member k is initialised from seed + k")
+    p.add_argument("--data-seed", type=int, default=1000, help="member k's data order comes from data_seed + k")
+    p.add_argument("--out", type=Path, default=Path("results/ensemble"))
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = _parser().parse_args(argv)
+    if not 0 <= args.check_member < args.members:
+        raise SystemExit(f"--check-member must be in [0, {args.members}), got {args.check_member}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(12345)
+    train_data = spirals(args.train_size, args.noise, g)
+    test_data = spirals(4096, args.noise, g)
+    net, _ = spectral_mlp(args.hidden)
+
+    # 1. member k of the vmapped run == member k trained alone
+    k, n = args.check_member, args.check_steps
+    p_ens, s_ens, _ = train_ensemble(net, train_data, args.members, n, args.batch, args.lr, args.seed, args.data_seed)
+    p_solo, s_solo, _ = train_solo(net, train_data, k, n, args.batch, args.lr, args.seed, args.data_seed)
+    diff_params = max_abs_diff(pf.ensemble.member(p_ens, k), p_solo)
+    diff_state = max_abs_diff(pf.ensemble.member(s_ens, k), s_solo)
+    print(f"member {k} after {n} steps, vmapped vs alone: max|params diff| {diff_params:.2e}, max|state diff| {diff_state:.2e}")
+
+    # 2. speed: one vmapped step vs a loop of N torch spectral_norm modules
+    speed = compare_speed(
+        net, train_data, args.members, args.batch, args.lr, args.seed, args.timing_budget, args.timing_repeats
+    )
+    print(f"{args.members} members, one training step: vmapped pfunc {1e3 * speed['vmapped_seconds_per_step']:.2f} ms, "
+          f"loop of torch modules {1e3 * speed['torch_loop_seconds_per_step']:.2f} ms -> {speed['speedup']:.1f}x "
+          f"(medians of {speed['repeats']} interleaved rounds)")
+
+    # 3. train the ensemble
+    t0 = time.perf_counter()
+    params, state, losses = train_ensemble(net, train_data, args.members, args.steps, args.batch, args.lr, args.seed, args.data_seed)
+    seconds = time.perf_counter() - t0
+    scores = evaluate(net, params, state, test_data, far_points(4096, g))
+    print(f"trained {args.members} members x {args.steps} steps in {seconds:.1f}s; test accuracy: members "
+          f"{scores['member_accuracy_mean']:.3f} (min {scores['member_accuracy_min']:.3f}, max {scores['member_accuracy_max']:.3f}), "
+          f"ensemble {scores['ensemble_accuracy']:.3f}; members disagree by {scores['disagreement_test']:.3f} on test data, "
+          f"{scores['disagreement_far']:.3f} far from it (std of their probabilities)")
+    metrics = {
+        "equality": {"member": k, "steps": n, "max_abs_diff_params": diff_params, "max_abs_diff_state": diff_state},
+        "speed": speed,
+        "accuracy": scores,
+        "train_seconds": seconds,
+        "args": {key: str(v) for key, v in vars(args).items()},
+    }
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    save_decision_map(args.out / "ensemble.png", net, params, state, train_data)
+    print(f"wrote {args.out / 'metrics.json'} and {args.out / 'ensemble.png'}")
+    return {**metrics, "losses": losses}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""Train a class-conditional GAN with BigGAN's spectral norm, through pfunc.
+
+Every ``nn.Linear``/``nn.Conv2d``/``nn.Embedding`` weight of the discriminator (and
+of the generator with ``--sn-generator``) gets ``SpectralNorm.biggan(num_svs,
+num_itrs, eps=...)`` from :func:`pfunc.spectral.spectral_norm_spec`. Training is
+BigGAN's: hinge loss, Adam with ``betas=(0, 0.999)``, the discriminator run once
+on real and fake together per D step, both networks in training mode (so the power
+iteration advances, and ``sv`` is logged, at every call). The logged singular
+values are read with :func:`pfunc.spectral.singular_values` and plotted.
+
+Run from the repository root::
+
+    python -m examples.gan.train --data ring8                  # 8 modes on a circle, a minute or two on 2 CPU cores
+    python -m examples.gan.train --data grid25                 # 25 modes on a grid, a few minutes
+    python -m examples.gan.train --data shapes --threads 1     # the diffusion example's shapes, 16x16, ~3 minutes
+    python -m examples.gan.train --data ring8 --unconditional  # no labels, no projection
+    python -m examples.gan.train --data ring8 --steps 50       # smoke test
+
+Outputs in ``--out`` (default ``results/gan_<data>``): ``metrics.json``,
+``samples.png``, ``singular_values.png`` (and ``spectrum.png`` when ``--num-svs > 1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import pfunc as pf
+from examples.gan.tasks import Task, mixture_task, shapes_task
+from examples.plotting import save_line_plot
+from pfunc.parametrizations import SpectralNorm
+from pfunc.spectral import singular_values, spectral_norm_spec
+
+__all__ = ["GAN", "build", "discriminator_step", "generator_step", "sample", "train", "make_task", "main"]
+
+Tree = dict  # dict[str, Tensor]
+
+
+@dataclass
+class GAN:
+    """Both networks as pfunc nets with their ``(params, state)`` and optimizers."""
+
+    G: pf.Parametrized
+    D: pf.Parametrized
+    g_params: Tree
+    g_state: Tree
+    d_params: Tree
+    d_state: Tree
+    g_opt: torch.optim.Optimizer
+    d_opt: torch.optim.Optimizer
+    z_dim: int
+    num_classes: int
+
+
+def _spectral(module: nn.Module, sn: Optional[SpectralNorm]) -> pf.Parametrized:
+    return pf.parametrize(module, spectral_norm_spec(module, sn) if sn is not None else {})
+
+
+def build(
+    G: nn.Module,
+    D: nn.Module,
+    *,
+    z_dim: int,
+    num_classes: int,
+    num_svs: int,
+    num_itrs: int,
+    sn_eps: float,
+    sn_generator: bool,
+    lr_g: float,
+    lr_d: float,
+    betas: tuple[float, float],
+    seed: int,
+    device: torch.device,
+) -> GAN:
+    """Spectral norm on ``D`` (and ``G``), fresh ``(params, state)`` from ``seed``, Adam for each."""
+    sn = SpectralNorm.biggan(num_svs=num_svs, num_itrs=num_itrs, eps=sn_eps)
+    g_net, d_net = _spectral(G.to(device), sn if sn_generator else None), _spectral(D.to(device), sn)
+    gen = torch.Generator().manual_seed(seed)
+    g_params, g_state = g_net.init(generator=gen, values=pf.ensemble.fresh_values(G, gen))
+    d_params, d_state = d_net.init(generator=gen, values=pf.ensemble.fresh_values(D, gen))
+    return GAN(
+        G=g_net,
+        D=d_net,
+        g_params=g_params,
+        g_state=g_state,
+        d_params=d_params,
+        d_state=d_state,
+        g_opt=torch.optim.Adam(g_params.values(), lr=lr_g, betas=betas),
+        d_opt=torch.optim.Adam(d_params.values(), lr=lr_d, betas=betas),
+        z_dim=z_dim,
+        num_classes=num_classes,
+    )
+
+
+def _latents(gan: GAN, n: int, generator: torch.Generator, device: torch.device) -> tuple[Tensor, Optional[Tensor]]:
+    z = torch.randn(n, gan.z_dim, generator=generator).to(device)
+    y = torch.randint(0, gan.num_classes, (n,), generator=generator).to(device) if gan.num_classes else None
+    return z, y
+
+
+def _labelled(*args: Optional[Tensor]) -> tuple[Tensor, ...]:
+    return tuple(a for a in args if a is not None)
+
+
+def discriminator_step(gan: GAN, real: Tensor, y_real: Optional[Tensor], z: Tensor, y_fake: Optional[Tensor]) -> float:
+    """One hinge-loss D update; real and fake go through D in one call (one power iteration)."""
+    with torch.no_grad():
+        fake, gan.g_state = gan.G(gan.g_params, gan.g_state, *_labelled(z, y_fake), training=True)
+    x = torch.cat([real, fake])
+    y = torch.cat([y_real, y_fake]) if y_real is not None else None
+    scores, gan.d_state = gan.D(gan.d_params, gan.d_state, *_labelled(x, y), training=True)
+    n = real.shape[0]
+    loss = F.relu(1.0 - scores[:n]).mean() + F.relu(1.0 + scores[n:]).mean()
+    gan.d_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gan.d_opt.step()
+    return float(loss.detach())
+
+
+def generator_step(gan: GAN, z: Tensor, y: Optional[Tensor]) -> float:
+    """One G update: ``-mean D(G(z, y), y)``; gradients go to G's params only."""
+    fake, gan.g_state = gan.G(gan.g_params, gan.g_state, *_labelled(z, y), training=True)
+    scores, gan.d_state = gan.D(gan.d_params, gan.d_state, *_labelled(fake, y), training=True)
+    loss = -scores.mean()
+    gan.g_opt.zero_grad(set_to_none=True)
+    loss.backward(inputs=list(gan.g_params.values()))
+    gan.g_opt.step()
+    return float(loss.detach())
+
+
+def sample(
+    gan: GAN, n: int, generator: torch.Generator, device: torch.device, labels: Optional[Tensor] = None
+) -> tuple[Tensor, Optional[Tensor]]:
+    """``(samples, labels asked for)`` from G with ``training=False`` (spectral norm state untouched;
+    batch norm layers, if any, keep the module's mode: batch statistics while it is training).
+    Labels are drawn uniformly unless given."""
+    z, y = _latents(gan, n, generator, device)
+    if labels is not None and gan.num_classes:
+        y = labels.to(device)
+    with torch.no_grad():
+        x, _ = gan.G(gan.g_params, gan.g_state, *_labelled(z, y), training=False)
+    return x, y
+
+
+def _log_singular_values(history: dict[str, list[list[float]]], prefix: str, net: pf.Parametrized, state: Tree) -> None:
+    try:
+        svs = singular_values(net, state)
+    except ValueError:  # a network without spectral norm logs nothing
+        return
+    for name, sv in svs.items():
+        history.setdefault(f"{prefix} {name}", []).append([float(s) for s in sv.cpu()])
+
+
+def train(
+    gan: GAN,
+    draw_real: Callable[[int, torch.Generator], tuple[Tensor, Optional[Tensor]]],
+    *,
+    steps: int,
+    batch: int,
+    d_steps: int,
+    seed: int,
+    device: torch.device,
+    log_every: int = 100,
+    on_log: Callable[[int, dict], None] = lambda step, row: None,
+) -> dict:
+    """``steps`` G updates, each after ``d_steps`` D updates; every ``log_every`` steps the
+    losses and both networks' logged singular values are recorded (and passed to ``on_log``)."""
+    g = torch.Generator().manual_seed(seed)
+    history: dict = {"step": [], "d_loss": [], "g_loss": [], "singular_values": {}}
+    d_loss = g_loss = float("nan")
+    for step in range(1, steps + 1):
+        for _ in range(d_steps):
+            real, y_real = draw_real(batch, g)
+            z, y_fake = _latents(gan, batch, g, device)
+            d_loss = discriminator_step(gan, real.to(device), None if y_real is None else y_real.to(device), z, y_fake)
+        z, y = _latents(gan, batch, g, device)
+        g_loss = generator_step(gan, z, y)
+        if step % log_every == 0 or step == steps:
+            history["step"].append(step)
+            history["d_loss"].append(d_loss)
+            history["g_loss"].append(g_loss)
+            _log_singular_values(history["singular_values"], "D", gan.D, gan.d_state)
+            _log_singular_values(history["singular_values"], "G", gan.G, gan.g_state)
+            latest = {name: rows[-1] for name, rows in history["singular_values"].items()}
+            on_log(step, {"d_loss": d_loss, "g_loss": g_loss, "singular_values": latest})
+    return history
+
+
+def _plot_singular_values(out: Path, history: dict, num_svs: int, spectrum_of: str) -> list[str]:
+    svs = history["singular_values"]
+    written = []
+    top = {name: [row[0] for row in rows] for name, rows in svs.items()}
+    save_line_plot(out / "singular_values.png", top, "largest singular value per layer (logged sv[0])", log_y=True,
+                   x_label=f"log point (every {_every(history)} steps)")
+    written.append("singular_values.png")
+    if num_svs > 1:
+        spectrum = {f"sv{i}": [row[i] for row in svs[spectrum_of]] for i in range(num_svs)}
+        save_line_plot(out / "spectrum.png", spectrum, f"top {num_svs} singular values of {spectrum_of}",
+                       x_label=f"log point (every {_every(history)} steps)")
+        written.append("spectrum.png")
+    return written
+
+
+def _every(history: dict) -> int:
+    steps = history["step"]
+    return steps[1] - steps[0] if len(steps) > 1 else steps[0]
+
+
+DEFAULTS = {
+    # data: (steps, batch, d_steps, lr, log_every)
+    "ring8": (4000, 256, 2, 2e-4, 500),
+    "grid25": (4000, 256, 2, 2e-4, 500),
+    "shapes": (1500, 64, 1, 2e-4, 250),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", choices=tuple(DEFAULTS), default="ring8",
+                   help="2-D mixture of Gaussians (ring8, grid25) or the diffusion example's shapes")
+    p.add_argument("--steps", type=int, default=None, help="generator updates (default per data set)")
+    p.add_argument("--d-steps", type=int, default=None, help="discriminator updates per generator update")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--lr-g", type=float, default=None)
+    p.add_argument("--lr-d", type=float, default=None)
+    p.add_argument("--beta1", type=float, default=0.0)
+    p.add_argument("--beta2", type=float, default=0.999)
+    p.add_argument("--unconditional", action="store_true", help="no labels: no class embedding in G, no projection in D")
+    p.add_argument("--num-svs", type=int, default=2, help="BigGAN SN: singular values tracked per layer")
+    p.add_argument("--num-itrs", type=int, default=1, help="BigGAN SN: power iterations per forward")
+    p.add_argument("--sn-eps", type=float, default=1e-8, help="BigGAN SN: eps of the normalisations")
+    p.add_argument("--sn-generator", action=argparse.BooleanOptionalAction, default=None,
+                   help="spectral norm on G too (default: on for shapes, off for the 2-D mixtures, where a "
+                        "1-Lipschitz G cannot put modes of different classes far enough apart)")
+    p.add_argument("--z-dim", type=int, default=None, help="latent size (default 8 for 2-D, 64 for shapes)")
+    p.add_argument("--hidden", type=int, default=128, help="2-D: MLP width")
+    p.add_argument("--width", type=int, default=64, help="shapes: conv channels")
+    p.add_argument("--image-size", type=int, default=16, help="shapes: side in pixels (4 * 2**k)")
+    p.add_argument("--channels", type=int, default=1, choices=(1, 3), help="shapes: grayscale or RGB")
+    p.add_argument("--train-size", type=int, default=8192, help="shapes: images drawn once for training")
+    p.add_argument("--judge-steps", type=int, default=300, help="shapes: training steps of the scoring classifier")
+    p.add_argument("--eval-samples", type=int, default=None, help="samples scored at the end (2500 for 2-D, 1000 for shapes)")
+    p.add_argument("--min-count", type=int, default=20, help="2-D: high-quality samples a mode needs to count as hit")
+    p.add_argument("--log-every", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 avoids oversubscription on a busy machine)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default results/gan_<data>)")
+    return p
+
+
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    steps, batch, d_steps, lr, log_every = DEFAULTS[args.data]
+    image = args.data == "shapes"
+    for name, value in (("steps", steps), ("batch", batch), ("d_steps", d_steps), ("lr_g", lr), ("lr_d", lr),
+                        ("log_every", log_every), ("z_dim", 64 if image else 8),
+                        ("eval_samples", 1000 if image else 2500), ("sn_generator", image)):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.steps < 1 or args.batch < 1 or args.d_steps < 1 or args.log_every < 1:
+        raise SystemExit("--steps, --batch, --d-steps and --log-every must be positive")
+    return args
+
+
+def make_task(args: argparse.Namespace, device: torch.device) -> Task:
+    """The :class:`~examples.gan.tasks.Task` the arguments name."""
+    if args.data == "shapes":
+        return shapes_task(image_size=args.image_size, channels=args.channels, conditional=not args.unconditional,
+                           z_dim=args.z_dim, width=args.width, train_size=args.train_size,
+                           judge_steps=args.judge_steps, seed=args.seed, device=device)
+    return mixture_task(args.data, conditional=not args.unconditional, z_dim=args.z_dim, hidden=args.hidden,
+                        min_count=args.min_count, seed=args.seed)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = _resolve(_parser().parse_args(argv))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    out = args.out or Path("results") / f"gan_{args.data}"
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    task = make_task(args, device)
+    gan = build(
+        task.generator, task.discriminator, z_dim=task.z_dim, num_classes=task.num_classes,
+        num_svs=args.num_svs, num_itrs=args.num_itrs, sn_eps=args.sn_eps, sn_generator=args.sn_generator,
+        lr_g=args.lr_g, lr_d=args.lr_d, betas=(args.beta1, args.beta2), seed=args.seed, device=device,
+    )
+    print(f"{args.data}: {'conditional, ' + str(task.num_classes) + ' classes' if task.num_classes else 'unconditional'}; "
+          f"SpectralNorm.biggan(num_svs={args.num_svs}, num_itrs={args.num_itrs}, eps={args.sn_eps}) on "
+          f"D: {list(gan.D.chains)}" + (f"; G: {list(gan.G.chains)}" if gan.G.chains else "; G: none"))
+    eval_gen = torch.Generator().manual_seed(args.seed + 1)
+    quick_n = min(args.eval_samples, 500) if args.data == "shapes" else args.eval_samples  # 2-D: same count as the end
+    curve: dict[str, list] = {"step": [], "score": []}
+    t0 = time.perf_counter()
+
+    def on_log(step, row):
+        x, y = sample(gan, quick_n, eval_gen, device)
+        scores = task.score(x, y)
+        curve["step"].append(step)
+        curve["score"].append(scores)
+        d_sv = {k[2:]: round(v[0], 3) for k, v in row["singular_values"].items() if k.startswith("D ")}
+        print(f"step {step:5d}  d_loss {row['d_loss']:.3f}  g_loss {row['g_loss']:+.3f}  {task.describe(scores)}  "
+              f"D sv[0] {d_sv}  ({time.perf_counter() - t0:.0f}s)")
+
+    history = train(gan, task.draw_real, steps=args.steps, batch=args.batch, d_steps=args.d_steps, seed=args.seed,
+                    device=device, log_every=args.log_every, on_log=on_log)
+    seconds = time.perf_counter() - t0
+    x, y = sample(gan, args.eval_samples, eval_gen, device)
+    final = task.final_score(x, y)
+    print(f"final ({args.eval_samples} samples, {seconds:.0f}s of training): {task.describe(final)}")
+    if task.num_classes and args.data == "shapes":
+        rows = torch.arange(task.num_classes).repeat_interleave(8)
+        x, y = sample(gan, len(rows), eval_gen, device, labels=rows)
+    task.save_samples(out / "samples.png", x, y, f"{args.data}, step {args.steps}")
+    largest = max(gan.D.chains, key=lambda name: gan.D.module.get_parameter(name).numel())
+    written = ["samples.png", *_plot_singular_values(out, history, args.num_svs, f"D {largest}")]
+    metrics = {
+        "final": final,
+        "curve": curve,
+        "singular_values": history["singular_values"],
+        "losses": {"step": history["step"], "d": history["d_loss"], "g": history["g_loss"]},
+        "train_seconds": seconds,
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"wrote {out / 'metrics.json'}, " + ", ".join(str(out / w) for w in written))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
