@@ -1,0 +1,259 @@
+"""The training configuration: presets, checks of every value, and what may change on resume.
+
+A :class:`TrainConfig` is plain data (ints, floats, bools, strings, tuples), stored in
+every checkpoint and in ``metrics.json``. :data:`PRESETS` holds the ``cpu`` preset
+(the defaults: finishes in minutes on 2 cores) and the larger ``gpu`` preset.
+:func:`validate` turns any bad value into a :class:`ConfigError` naming the flag.
+
+>>> cfg = TrainConfig(**{**PRESETS["cpu"], "image_size": 18})
+>>> try:
+...     validate(cfg)
+... except ConfigError as e:
+...     print(str(e)[:64])
+--image-size 18 is not divisible by 4, the Unet's downsampling f
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
+
+from .gaussian_diffusion import OBJECTIVES, SCHEDULES
+
+__all__ = ["TrainConfig", "PRESETS", "RUN_OPTIONS", "ConfigError", "validate", "config_differences", "flag"]
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (see ``python -m examples.diffusion.train --help``)."""
+
+    # model
+    dim: int
+    dim_mults: tuple[int, ...]
+    channels: int
+    image_size: int
+    resnet_block_groups: int
+    attn_heads: int
+    attn_dim_head: int
+    self_condition: bool
+    learned_variance: bool
+    learned_sinusoidal_cond: bool
+    random_fourier_features: bool
+    learned_sinusoidal_dim: int
+    # diffusion
+    timesteps: int
+    beta_schedule: str
+    objective: str
+    # data
+    dataset: str
+    data_dir: Optional[str]
+    train_size: int
+    # optimisation
+    batch_size: int
+    grad_accum: int
+    lr: float
+    weight_decay: float
+    max_grad_norm: float
+    ema_decay: float
+    ema_every: int
+    ema_after: int
+    seed: int
+    # run options (may change on resume: see RUN_OPTIONS)
+    steps: int
+    bf16: bool
+    compile: bool
+    checkpoint_every: int
+    sampling_steps: int
+    ddim_eta: float
+    num_samples: int
+    eval_samples: int
+    log_every: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON- and checkpoint-safe values (tuples become lists)."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown, missing = sorted(set(d) - names), sorted(names - set(d))
+        if unknown or missing:
+            raise ConfigError(f"config has unknown fields {unknown} and lacks fields {missing}")
+        return cls(**{k: (tuple(v) if k == "dim_mults" else v) for k, v in d.items()})
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.dim_mults) - 1)
+
+
+# What a resumed run may change; every other field must match the checkpoint.
+RUN_OPTIONS = frozenset(
+    {"steps", "bf16", "compile", "checkpoint_every", "sampling_steps", "ddim_eta", "num_samples", "eval_samples", "log_every"}
+)
+
+_COMMON = dict(
+    resnet_block_groups=8,
+    self_condition=False,
+    learned_variance=False,
+    learned_sinusoidal_cond=False,
+    random_fourier_features=False,
+    learned_sinusoidal_dim=16,
+    timesteps=1000,
+    beta_schedule="cosine",
+    objective="pred_noise",
+    dataset="shapes",
+    data_dir=None,
+    train_size=20000,
+    grad_accum=1,
+    weight_decay=0.0,
+    max_grad_norm=1.0,
+    ema_decay=0.995,
+    seed=0,
+    bf16=False,
+    compile=False,
+    log_every=50,
+    ddim_eta=1.0,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # a few minutes on 2 CPU cores: 16x16 coloured shapes, a 3-level Unet
+    "cpu": dict(
+        _COMMON,
+        dim=16,
+        dim_mults=(1, 2, 4),
+        channels=3,
+        image_size=16,
+        attn_heads=2,
+        attn_dim_head=16,
+        batch_size=64,
+        lr=2e-3,
+        ema_every=1,
+        ema_after=100,
+        steps=1500,
+        checkpoint_every=500,
+        sampling_steps=50,
+        num_samples=64,
+        eval_samples=500,
+    ),
+    # the seed's sizes on one GPU: 32x32 coloured shapes, a 4-level Unet, bf16 + compile
+    "gpu": dict(
+        _COMMON,
+        dim=64,
+        dim_mults=(1, 2, 4, 8),
+        channels=3,
+        image_size=32,
+        attn_heads=4,
+        attn_dim_head=32,
+        batch_size=128,
+        lr=2e-4,
+        ema_every=10,
+        ema_after=100,
+        steps=20000,
+        checkpoint_every=2000,
+        sampling_steps=250,
+        num_samples=64,
+        eval_samples=2000,
+        bf16=True,
+        compile=True,
+        train_size=50000,
+    ),
+}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of config field ``name``."""
+    return "--" + name.replace("_", "-")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` naming the first flag whose value cannot work."""
+
+    def positive(name: str) -> None:
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{flag(name)} must be a positive integer, got {v!r}")
+
+    for name in ("dim", "channels", "image_size", "resnet_block_groups", "attn_heads", "attn_dim_head", "timesteps",
+                 "train_size", "batch_size", "grad_accum", "ema_every", "steps", "checkpoint_every", "sampling_steps",
+                 "num_samples", "log_every", "learned_sinusoidal_dim"):
+        positive(name)
+    for name in ("eval_samples", "ema_after", "seed"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{flag(name)} must be a non-negative integer, got {v!r}")
+    if cfg.eval_samples == 1:
+        raise ConfigError("--eval-samples must be 0 (no quality score) or at least 2")
+    if not cfg.dim_mults or any((not isinstance(m, int)) or m < 1 for m in cfg.dim_mults):
+        raise ConfigError(f"--dim-mults must be a comma-separated list of positive integers, got {cfg.dim_mults!r}")
+    if cfg.dim < 4 or cfg.dim % 2:
+        raise ConfigError(f"--dim must be even and at least 4 (sinusoidal time embedding), got {cfg.dim}")
+    if cfg.learned_sinusoidal_dim % 2:
+        raise ConfigError(f"--learned-sinusoidal-dim must be even, got {cfg.learned_sinusoidal_dim}")
+    for m in (1, *cfg.dim_mults):
+        if (cfg.dim * m) % cfg.resnet_block_groups:
+            raise ConfigError(
+                f"--resnet-block-groups {cfg.resnet_block_groups} must divide every level width "
+                f"(--dim {cfg.dim} times each of 1 and --dim-mults {_mults(cfg)}); {cfg.dim * m} is not divisible"
+            )
+    if cfg.image_size % cfg.downsample_factor:
+        raise ConfigError(
+            f"--image-size {cfg.image_size} is not divisible by {cfg.downsample_factor}, the Unet's downsampling factor "
+            f"(2 ** (len(--dim-mults) - 1) with --dim-mults {_mults(cfg)} ... )"
+        )
+    if cfg.channels not in (1, 3):
+        raise ConfigError(f"--channels must be 1 or 3, got {cfg.channels}")
+    if cfg.beta_schedule not in SCHEDULES:
+        raise ConfigError(f"--beta-schedule must be one of {', '.join(SCHEDULES)}, got {cfg.beta_schedule!r}")
+    if cfg.objective not in OBJECTIVES:
+        raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
+    if cfg.beta_schedule == "linear" and cfg.timesteps <= 20:
+        raise ConfigError(f"--timesteps must be above 20 for --beta-schedule linear, got {cfg.timesteps}")
+    if cfg.sampling_steps > cfg.timesteps:
+        raise ConfigError(f"--sampling-steps {cfg.sampling_steps} exceeds --timesteps {cfg.timesteps}")
+    if not (isinstance(cfg.lr, float) and cfg.lr > 0):
+        raise ConfigError(f"--lr must be a positive number, got {cfg.lr!r}")
+    if cfg.weight_decay < 0:
+        raise ConfigError(f"--weight-decay must be non-negative, got {cfg.weight_decay}")
+    if cfg.max_grad_norm < 0:
+        raise ConfigError(f"--max-grad-norm must be non-negative (0 disables clipping), got {cfg.max_grad_norm}")
+    if not 0 <= cfg.ddim_eta <= 1:
+        raise ConfigError(f"--ddim-eta must be in [0, 1], got {cfg.ddim_eta}")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ConfigError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.dataset == "shapes":
+        if cfg.data_dir is not None:
+            raise ConfigError("--data-dir is only for --dataset folder")
+        if cfg.batch_size > cfg.train_size:
+            raise ConfigError(f"--batch-size {cfg.batch_size} is larger than --train-size {cfg.train_size}")
+    elif cfg.dataset == "folder":
+        if cfg.data_dir is None:
+            raise ConfigError("--dataset folder needs --data-dir PATH")
+        if not os.path.isdir(cfg.data_dir):
+            raise ConfigError(f"--data-dir {cfg.data_dir!r} does not exist or is not a folder")
+    else:
+        raise ConfigError(f"--dataset must be 'shapes' (embedded) or 'folder', got {cfg.dataset!r}")
+
+
+def _mults(cfg: TrainConfig) -> str:
+    return ",".join(map(str, cfg.dim_mults))
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], ignore: frozenset[str] = RUN_OPTIONS) -> list[str]:
+    """One line per field (outside ``ignore``) whose value differs: ``"--dim: checkpoint 16, now 32"``."""
+    out = []
+    for name in sorted((set(saved) | set(current)) - ignore):
+        a, b = saved.get(name, "<absent>"), current.get(name, "<absent>")
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            a, b = list(a), list(b)
+        if a != b:
+            out.append(f"{flag(name)}: checkpoint {a!r}, now {b!r}")
+    return out

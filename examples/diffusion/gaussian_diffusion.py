@@ -1,0 +1,393 @@
+"""Gaussian diffusion (DDPM/DDIM) as pure functions of a denoiser, as in seed 002.
+
+:class:`GaussianDiffusion` holds only the noise schedule (plain tensors) and options;
+every method takes the denoiser as an argument, ``model(x_t, t, x_self_cond) -> out``,
+so the same object trains (``model`` closes over ``params``) and samples (``model``
+closes over the EMA ``params``), and never owns weights. All randomness comes in as
+tensors or an explicit ``torch.Generator``.
+
+Conventions: data in ``[-1, 1]`` (:func:`normalize_to_neg_one_to_one`), integer
+times ``t`` in ``[0, num_timesteps)``, ``objective`` one of ``"pred_noise"`` (the
+seed's), ``"pred_x0"``, ``"pred_v"``. With ``learned_variance`` the denoiser returns
+twice the channels; the second half interpolates the log variance between
+``beta_t`` and the posterior variance (Improved DDPM), trained with the hybrid loss.
+
+>>> import torch
+>>> d = GaussianDiffusion(linear_beta_schedule(1000))
+>>> x0, noise, t = torch.rand(2, 1, 4, 4) * 2 - 1, torch.randn(2, 1, 4, 4), torch.tensor([0, 999])
+>>> xt = d.q_sample(x0, t, noise)
+>>> bool(torch.allclose(d.predict_start_from_noise(xt, t, noise), x0, atol=1e-3))
+True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "linear_beta_schedule",
+    "cosine_beta_schedule",
+    "beta_schedule",
+    "normalize_to_neg_one_to_one",
+    "unnormalize_to_zero_to_one",
+    "ModelPrediction",
+    "GaussianDiffusion",
+    "OBJECTIVES",
+    "SCHEDULES",
+]
+
+Denoiser = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
+OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
+SCHEDULES = ("linear", "cosine")
+
+
+# ------------------------------------------------------------------------------ schedules
+def linear_beta_schedule(timesteps: int) -> Tensor:
+    """DDPM's betas, linear from 1e-4 to 0.02, rescaled by ``1000 / timesteps`` so that any length
+    spans the same noise (float64). Needs ``timesteps > 20`` (else the last beta reaches 1)."""
+    if timesteps <= 20:
+        raise ValueError(f"linear_beta_schedule: timesteps must be above 20 (the rescaled last beta 20/timesteps reaches 1), got {timesteps}")
+    scale = 1000 / timesteps
+    return torch.linspace(scale * 0.0001, scale * 0.02, timesteps, dtype=torch.float64)
+
+
+def cosine_beta_schedule(timesteps: int, s: float = 0.008) -> Tensor:
+    """Improved DDPM's betas: ``alphas_cumprod`` follows ``cos^2`` (float64, betas clipped to 0.999)."""
+    if timesteps < 1:
+        raise ValueError(f"cosine_beta_schedule: timesteps must be positive, got {timesteps}")
+    x = torch.linspace(0, timesteps, timesteps + 1, dtype=torch.float64)
+    alphas_cumprod = torch.cos(((x / timesteps) + s) / (1 + s) * math.pi * 0.5) ** 2
+    alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
+    betas = 1 - (alphas_cumprod[1:] / alphas_cumprod[:-1])
+    return torch.clip(betas, 0, 0.999)
+
+
+def beta_schedule(name: str, timesteps: int) -> Tensor:
+    """The betas of schedule ``name`` (``"linear"`` or ``"cosine"``)."""
+    if name == "linear":
+        return linear_beta_schedule(timesteps)
+    if name == "cosine":
+        return cosine_beta_schedule(timesteps)
+    raise ValueError(f"beta_schedule: unknown schedule {name!r}; expected one of {SCHEDULES}")
+
+
+def normalize_to_neg_one_to_one(img: Tensor) -> Tensor:
+    """``[0, 1] -> [-1, 1]``."""
+    return img * 2 - 1
+
+
+def unnormalize_to_zero_to_one(x: Tensor) -> Tensor:
+    """``[-1, 1] -> [0, 1]``."""
+    return (x + 1) * 0.5
+
+
+def _extract(a: Tensor, t: Tensor, ndim: int) -> Tensor:
+    """``a[t]`` shaped ``[B, 1, ..., 1]`` to broadcast against a ``ndim``-dimensional batch."""
+    return a[t].reshape(t.shape[0], *((1,) * (ndim - 1)))
+
+
+def _normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + ((mean1 - mean2) ** 2) * torch.exp(-logvar2))
+
+
+def _approx_standard_normal_cdf(x: Tensor) -> Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x**3))))
+
+
+def _discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor, thres: float = 0.999) -> Tensor:
+    """Log-likelihood of 8-bit data ``x`` in ``[-1, 1]`` under a Gaussian discretized to bins of width 2/255."""
+    centered_x = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = _approx_standard_normal_cdf(inv_stdv * (centered_x + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_stdv * (centered_x - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(
+        x < -thres, log_cdf_plus, torch.where(x > thres, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12)))
+    )
+
+
+def _mean_flat(x: Tensor) -> Tensor:
+    return x.flatten(1).mean(dim=1)
+
+
+class ModelPrediction(NamedTuple):
+    """The denoiser's output read as a noise estimate and an ``x_0`` estimate."""
+
+    pred_noise: Tensor
+    pred_x_start: Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class GaussianDiffusion:
+    """The forward (noising) process of ``betas`` and its learned reverse, for any denoiser.
+
+    Args:
+        betas: ``[T]`` noise schedule (e.g. :func:`cosine_beta_schedule`); kept in float64
+            while deriving, stored as float32.
+        objective: what the denoiser predicts: ``"pred_noise"``, ``"pred_x0"`` or ``"pred_v"``.
+        self_condition: train with self-conditioning (half of the steps feed the model its own
+            detached ``x_0`` estimate) and sample with it.
+        learned_variance: the denoiser returns ``2 * C`` channels (prediction, variance
+            interpolation); the loss adds ``vb_loss_weight`` times the variational bound.
+    """
+
+    betas: Tensor
+    objective: str = "pred_noise"
+    self_condition: bool = False
+    learned_variance: bool = False
+    vb_loss_weight: float = 0.001
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"GaussianDiffusion: unknown objective {self.objective!r}; expected one of {OBJECTIVES}")
+        betas = self.betas.detach().to(torch.float64)
+        if betas.dim() != 1 or betas.numel() < 1:
+            raise ValueError(f"GaussianDiffusion: betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("GaussianDiffusion: every beta must lie in (0, 1)")
+        alphas = 1.0 - betas
+        ac = torch.cumprod(alphas, dim=0)
+        ac_prev = F.pad(ac[:-1], (1, 0), value=1.0)
+        posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)
+        derived = {
+            "alphas_cumprod": ac,
+            "alphas_cumprod_prev": ac_prev,
+            "sqrt_alphas_cumprod": ac.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - ac).sqrt(),
+            "log_one_minus_alphas_cumprod": torch.log(1.0 - ac),
+            "sqrt_recip_alphas_cumprod": (1.0 / ac).sqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1.0 / ac - 1).sqrt(),
+            "posterior_variance": posterior_variance,
+            # the posterior variance is 0 at t = 0: clip its log
+            "posterior_log_variance_clipped": torch.log(posterior_variance.clamp(min=1e-20)),
+            "posterior_mean_coef1": betas * ac_prev.sqrt() / (1.0 - ac),
+            "posterior_mean_coef2": (1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac),
+            "log_betas": torch.log(betas),
+        }
+        device = self.betas.device
+        object.__setattr__(self, "_betas64", betas.cpu())
+        object.__setattr__(self, "betas", betas.to(torch.float32).to(device))
+        for k, v in derived.items():
+            object.__setattr__(self, k, v.to(torch.float32).to(device))
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.shape[0]
+
+    def to(self, device: torch.device | str) -> "GaussianDiffusion":
+        """The same process with its schedule tensors on ``device``."""
+        return GaussianDiffusion(self._betas64.to(device), self.objective, self.self_condition, self.learned_variance, self.vb_loss_weight)
+
+    # -------------------------------------------------------------------------- the forward process
+    def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise``."""
+        n = x_start.dim()
+        return _extract(self.sqrt_alphas_cumprod, t, n) * x_start + _extract(self.sqrt_one_minus_alphas_cumprod, t, n) * noise
+
+    def predict_start_from_noise(self, x_t: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """The ``x_0`` that gives ``x_t`` with ``noise`` (inverse of :meth:`q_sample` in ``x_0``)."""
+        n = x_t.dim()
+        return _extract(self.sqrt_recip_alphas_cumprod, t, n) * x_t - _extract(self.sqrt_recipm1_alphas_cumprod, t, n) * noise
+
+    def predict_noise_from_start(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        """The noise that gives ``x_t`` from ``x0`` (inverse of :meth:`q_sample` in the noise)."""
+        n = x_t.dim()
+        return (_extract(self.sqrt_recip_alphas_cumprod, t, n) * x_t - x0) / _extract(self.sqrt_recipm1_alphas_cumprod, t, n)
+
+    def predict_v(self, x_start: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """The velocity target ``v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0``."""
+        n = x_start.dim()
+        return _extract(self.sqrt_alphas_cumprod, t, n) * noise - _extract(self.sqrt_one_minus_alphas_cumprod, t, n) * x_start
+
+    def predict_start_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """``x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v``."""
+        n = x_t.dim()
+        return _extract(self.sqrt_alphas_cumprod, t, n) * x_t - _extract(self.sqrt_one_minus_alphas_cumprod, t, n) * v
+
+    def q_posterior(self, x_start: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance and clipped log variance of ``q(x_{t-1} | x_t, x_0)``."""
+        n = x_t.dim()
+        mean = _extract(self.posterior_mean_coef1, t, n) * x_start + _extract(self.posterior_mean_coef2, t, n) * x_t
+        return mean, _extract(self.posterior_variance, t, n), _extract(self.posterior_log_variance_clipped, t, n)
+
+    # -------------------------------------------------------------------------- reading the denoiser
+    def _split(self, out: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """``(prediction, variance part or None)`` of a raw denoiser output."""
+        if self.learned_variance:
+            pred, var = out.chunk(2, dim=1)
+            return pred, var
+        return out, None
+
+    def interpret(self, pred: Tensor, x_t: Tensor, t: Tensor, clip_x_start: bool = False) -> ModelPrediction:
+        """``pred`` (the objective's target estimate) as noise and ``x_0`` estimates.
+
+        With ``clip_x_start`` the ``x_0`` estimate is clamped to ``[-1, 1]`` and the noise
+        re-derived from it, so both stay consistent (DDIM needs that).
+        """
+        if self.objective == "pred_noise":
+            pred_noise = pred
+            x_start = self.predict_start_from_noise(x_t, t, pred_noise)
+            if clip_x_start:
+                x_start = x_start.clamp(-1.0, 1.0)
+                pred_noise = self.predict_noise_from_start(x_t, t, x_start)
+        elif self.objective == "pred_x0":
+            x_start = pred.clamp(-1.0, 1.0) if clip_x_start else pred
+            pred_noise = self.predict_noise_from_start(x_t, t, x_start)
+        else:
+            x_start = self.predict_start_from_v(x_t, t, pred)
+            if clip_x_start:
+                x_start = x_start.clamp(-1.0, 1.0)
+            pred_noise = self.predict_noise_from_start(x_t, t, x_start)
+        return ModelPrediction(pred_noise, x_start)
+
+    def model_predictions(
+        self, model: Denoiser, x: Tensor, t: Tensor, x_self_cond: Optional[Tensor] = None, clip_x_start: bool = False
+    ) -> ModelPrediction:
+        """Run ``model`` on ``x_t`` and read its output (the seed's ``model_predictions``)."""
+        pred, _ = self._split(model(x, t, x_self_cond))
+        return self.interpret(pred, x, t, clip_x_start)
+
+    def _model_log_variance(self, var_part: Optional[Tensor], t: Tensor, ndim: int) -> Tensor:
+        min_log = _extract(self.posterior_log_variance_clipped, t, ndim)
+        if var_part is None:
+            return min_log
+        max_log = _extract(self.log_betas, t, ndim)
+        frac = unnormalize_to_zero_to_one(var_part)
+        return frac * max_log + (1 - frac) * min_log
+
+    def p_mean_variance(
+        self, model: Denoiser, x: Tensor, t: Tensor, x_self_cond: Optional[Tensor] = None, clip_denoised: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean and log variance of ``p(x_{t-1} | x_t)``, and the ``x_0`` estimate."""
+        pred, var_part = self._split(model(x, t, x_self_cond))
+        x_start = self.interpret(pred, x, t).pred_x_start
+        if clip_denoised:
+            x_start = x_start.clamp(-1.0, 1.0)
+        mean, _, _ = self.q_posterior(x_start, x, t)
+        return mean, self._model_log_variance(var_part, t, x.dim()), x_start
+
+    # -------------------------------------------------------------------------- training
+    def training_loss(
+        self,
+        model: Denoiser,
+        x_start: Tensor,
+        t: Tensor,
+        noise: Tensor,
+        use_self_condition: bool = False,
+    ) -> Tensor:
+        """The mean training loss on a batch (the seed's ``p_losses`` with the L2 loss).
+
+        ``t`` and ``noise`` are drawn by the caller (explicit randomness). With
+        ``use_self_condition`` (the caller's coin flip, half the time in the seed) the
+        model first sees ``x_t`` alone and its detached ``x_0`` estimate, clipped to
+        ``[-1, 1]`` as in sampling (the seed feeds it unclipped), is fed back.
+        With learned variance the variational bound (KL to the true posterior, the
+        decoder likelihood at ``t = 0``, in bits per dimension) is added, with gradients
+        only to the variance (the mean is detached), as Improved DDPM.
+        """
+        x = self.q_sample(x_start, t, noise)
+        x_self_cond = None
+        if use_self_condition:
+            if not self.self_condition:
+                raise ValueError("training_loss: use_self_condition needs a GaussianDiffusion built with self_condition=True")
+            with torch.no_grad():
+                # clipped, as sampling feeds it: unclipped x_0 estimates at the noisiest steps are
+                # the noise estimate's error times sqrt(1 / abar_t) (~1e4 for the cosine schedule)
+                x_self_cond = self.model_predictions(model, x, t, clip_x_start=True).pred_x_start.detach()
+        out = model(x, t, x_self_cond)
+        pred, var_part = self._split(out)
+        if self.objective == "pred_noise":
+            target = noise
+        elif self.objective == "pred_x0":
+            target = x_start
+        else:
+            target = self.predict_v(x_start, t, noise)
+        loss = _mean_flat((pred.float() - target.float()) ** 2)
+        if var_part is not None:
+            loss = loss + self.vb_loss_weight * self._vb_terms(x_start, x, t, pred.detach(), var_part)
+        return loss.mean()
+
+    def _vb_terms(self, x_start: Tensor, x_t: Tensor, t: Tensor, pred: Tensor, var_part: Tensor) -> Tensor:
+        """Per-example variational-bound term in bits per dimension."""
+        pred, var_part = pred.float(), var_part.float()
+        true_mean, _, true_log_var = self.q_posterior(x_start, x_t, t)
+        model_x_start = self.interpret(pred, x_t, t).pred_x_start
+        model_mean, _, _ = self.q_posterior(model_x_start, x_t, t)
+        model_log_var = self._model_log_variance(var_part, t, x_t.dim())
+        kl = _mean_flat(_normal_kl(true_mean, true_log_var, model_mean, model_log_var)) / math.log(2.0)
+        nll = -_mean_flat(_discretized_gaussian_log_likelihood(x_start, model_mean, 0.5 * model_log_var)) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+    # -------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def ddpm_sample(self, model: Denoiser, shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
+        """Ancestral sampling through all ``num_timesteps`` steps; returns images in ``[0, 1]``."""
+        img = _randn(shape, generator, device)
+        x_start = None
+        for time in reversed(range(self.num_timesteps)):
+            t = torch.full((shape[0],), time, device=device, dtype=torch.long)
+            mean, log_var, x_start = self.p_mean_variance(model, img, t, x_start if self.self_condition else None)
+            img = mean + (0.5 * log_var).exp() * _randn(shape, generator, device) if time > 0 else mean
+        return unnormalize_to_zero_to_one(img).clamp(0, 1)
+
+    @torch.no_grad()
+    def ddim_sample(
+        self,
+        model: Denoiser,
+        shape: tuple[int, ...],
+        generator: torch.Generator,
+        sampling_timesteps: int,
+        eta: float = 0.0,
+        device: torch.device | str = "cpu",
+    ) -> Tensor:
+        """DDIM sampling in ``sampling_timesteps`` steps (``eta = 0``: deterministic given the start); images in ``[0, 1]``."""
+        if not 1 <= sampling_timesteps <= self.num_timesteps:
+            raise ValueError(f"ddim_sample: sampling_timesteps must be in [1, {self.num_timesteps}], got {sampling_timesteps}")
+        times = torch.linspace(-1, self.num_timesteps - 1, steps=sampling_timesteps + 1).int().tolist()
+        pairs = list(zip(reversed(times[1:]), reversed(times[:-1])))  # (t, t_next): (T-1, ...), ..., (0, -1)
+        img = _randn(shape, generator, device)
+        x_start = None
+        for time, time_next in pairs:
+            t = torch.full((shape[0],), time, device=device, dtype=torch.long)
+            pred_noise, x_start = self.model_predictions(model, img, t, x_start if self.self_condition else None, clip_x_start=True)
+            if time_next < 0:
+                img = x_start
+                continue
+            alpha, alpha_next = self.alphas_cumprod[time], self.alphas_cumprod[time_next]
+            sigma = eta * ((1 - alpha / alpha_next) * (1 - alpha_next) / (1 - alpha)).sqrt()
+            c = (1 - alpha_next - sigma**2).sqrt()
+            img = x_start * alpha_next.sqrt() + c * pred_noise
+            if eta > 0:
+                img = img + sigma * _randn(shape, generator, device)
+        return unnormalize_to_zero_to_one(img).clamp(0, 1)
+
+    def sample(
+        self,
+        model: Denoiser,
+        shape: tuple[int, ...],
+        generator: torch.Generator,
+        sampling_timesteps: Optional[int] = None,
+        eta: float = 0.0,
+        device: torch.device | str = "cpu",
+    ) -> Tensor:
+        """DDIM when ``sampling_timesteps < num_timesteps``, else DDPM (the seed's rule); images in ``[0, 1]``."""
+        steps = self.num_timesteps if sampling_timesteps is None else sampling_timesteps
+        if steps < self.num_timesteps:
+            return self.ddim_sample(model, shape, generator, steps, eta, device)
+        if steps > self.num_timesteps:
+            raise ValueError(f"sample: sampling_timesteps must be at most num_timesteps={self.num_timesteps}, got {steps}")
+        return self.ddpm_sample(model, shape, generator, device)
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str) -> Tensor:
+    """Standard normal draws from ``generator`` (drawn on its device, then moved to ``device``)."""
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)

@@ -1,0 +1,196 @@
+"""The Unet of seed 002 through pfunc: shapes, options, self-conditioning, and weight standardization
+as a parametrization (same outputs and gradients as the seed's WeightStandardizedConv2d)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pfunc as pf
+from examples.diffusion.unet import (
+    Attention,
+    Block,
+    Downsample,
+    LinearAttention,
+    RandomOrLearnedSinusoidalPosEmb,
+    SinusoidalPosEmb,
+    Unet,
+    parametrize_unet,
+    weight_standardization_spec,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and OpenMP threads stall badly on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = dict(dim=8, dim_mults=(1, 2), channels=1, resnet_block_groups=4, attn_heads=2, attn_dim_head=8)
+
+
+def tiny_unet(**kw):
+    torch.manual_seed(0)
+    return Unet(**{**TINY, **kw})
+
+
+class SeedWeightStandardizedConv2d(nn.Conv2d):
+    """Seed 002's layer, transcribed (einops reduce -> torch): the reference pfunc must match."""
+
+    def forward(self, x):
+        eps = 1e-5 if x.dtype == torch.float32 else 1e-3
+        weight = self.weight
+        mean = weight.mean(dim=(1, 2, 3), keepdim=True)
+        var = weight.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
+        normalized_weight = (weight - mean) * (var + eps).rsqrt()
+        return F.conv2d(x, normalized_weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def seed_style_twin(unet: Unet) -> Unet:
+    """A deep copy whose Block convs are the seed's WeightStandardizedConv2d (same weights)."""
+    twin = copy.deepcopy(unet)
+    for m in twin.modules():
+        if isinstance(m, Block):
+            old = m.proj
+            new = SeedWeightStandardizedConv2d(old.in_channels, old.out_channels, 3, padding=1)
+            new.load_state_dict(old.state_dict())
+            m.proj = new
+    return twin
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"self_condition": True},
+        {"learned_variance": True},
+        {"learned_sinusoidal_cond": True},
+        {"random_fourier_features": True},
+        {"dim_mults": (1, 2, 4), "init_dim": 12},
+    ],
+    ids=["plain", "self_condition", "learned_variance", "learned_sinusoidal", "random_fourier", "three_levels_init_dim"],
+)
+def test_unet_output_shape_for_every_option(options):
+    unet = tiny_unet(**options)
+    net = parametrize_unet(unet)
+    params, state = net.init()
+    size = 8 * unet.downsample_factor // 2 * 2
+    x = torch.randn(3, 1, size, size)
+    out, _ = net(params, state, x, torch.tensor([0.0, 10.0, 999.0]), training=True)
+    expected_channels = 2 if options.get("learned_variance") else 1
+    assert out.shape == (3, expected_channels, size, size)
+    assert torch.isfinite(out).all()
+
+
+def test_random_fourier_weights_are_state_and_learned_ones_are_params():
+    rand = parametrize_unet(tiny_unet(random_fourier_features=True))
+    learned = parametrize_unet(tiny_unet(learned_sinusoidal_cond=True))
+    assert "time_mlp.0.weights" in rand.init()[1] and "time_mlp.0.weights" not in rand.init()[0]
+    assert "time_mlp.0.weights" in learned.init()[0]
+
+
+def test_time_embeddings_shapes_and_values():
+    t = torch.tensor([0.0, 1.0, 500.0])
+    emb = SinusoidalPosEmb(8)(t)
+    assert emb.shape == (3, 8)
+    assert torch.equal(emb[0], torch.cat([torch.zeros(4), torch.ones(4)]))  # sin(0), cos(0)
+    rff = RandomOrLearnedSinusoidalPosEmb(6, is_random=True)(t)
+    assert rff.shape == (3, 7) and torch.equal(rff[:, 0], t)
+
+
+def test_self_conditioning_input_changes_the_output_and_none_means_zeros():
+    net = parametrize_unet(tiny_unet(self_condition=True))
+    params, state = net.init()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([5.0, 50.0])
+    cond = torch.randn(2, 1, 8, 8)
+    none, _ = net(params, state, x, t, None)
+    zeros, _ = net(params, state, x, t, torch.zeros_like(x))
+    with_cond, _ = net(params, state, x, t, cond)
+    assert torch.equal(none, zeros)
+    assert not torch.allclose(with_cond, none)
+
+
+def test_every_block_conv_is_weight_standardized_and_nothing_else():
+    unet = tiny_unet()
+    spec = weight_standardization_spec(unet)
+    blocks = [n for n, m in unet.named_modules() if isinstance(m, Block)]
+    assert sorted(spec) == sorted(f"{n}.proj.weight" for n in blocks)
+    assert len(spec) == 2 * 2 * 4 + 2 * 2 + 2  # downs, ups (2 ResnetBlocks x 2 Blocks per level), mid, final
+    net = parametrize_unet(unet)
+    assert set(net.chains) == set(spec)
+    assert all(isinstance(m.proj, nn.Conv2d) and type(m.proj) is nn.Conv2d for m in unet.modules() if isinstance(m, Block))
+    assert not pf.is_parametrized(unet)  # the module itself is untouched
+
+
+@pytest.mark.parametrize("self_condition", [False, True])
+def test_parametrized_unet_matches_seed_weight_standardized_conv_in_output_and_gradients(self_condition):
+    unet = tiny_unet(self_condition=self_condition)
+    twin = seed_style_twin(unet)
+    net = parametrize_unet(unet)
+    params, state = net.init()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3.0, 700.0])
+    cond = torch.randn_like(x) if self_condition else None
+
+    def loss_fn(p):
+        out, _ = net(p, state, x, t, cond, training=True)
+        return out.square().mean(), out
+
+    grads, (loss, out) = torch.func.grad_and_value(loss_fn, has_aux=True)(params)
+    ref_out = twin(x, t, cond)
+    ref_out.square().mean().backward()
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    ref_grads = dict(twin.named_parameters())
+    for name in params:
+        plain = name.replace("parametrizations.", "").replace(".original", "")
+        torch.testing.assert_close(grads[name], ref_grads[plain].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_flows_through_the_standardization_to_the_raw_weight():
+    net = parametrize_unet(tiny_unet())
+    params, state = net.init()
+    key = "downs.0.0.block1.proj.parametrizations.weight.original"
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([1.0, 2.0])
+    grads = torch.func.grad(lambda p: net(p, state, x, t)[0].sum())(params)
+    g = grads[key]
+    # standardization is invariant to shifting each output filter (exactly) and to scaling it
+    # (up to eps): the raw weight's gradient is orthogonal to both directions, per output channel
+    W = params[key].detach()
+    centered = W - W.mean(dim=(1, 2, 3), keepdim=True)
+    assert g.abs().sum() > 0
+    torch.testing.assert_close(g.sum(dim=(1, 2, 3)), torch.zeros(g.shape[0]), atol=1e-5, rtol=0)
+    cosine = F.cosine_similarity(g.flatten(1), centered.flatten(1), dim=1)
+    assert cosine.abs().max() < 0.05
+
+
+def test_downsample_is_the_seeds_rearrange_then_conv():
+    torch.manual_seed(0)
+    down = Downsample(2, 3)
+    x = torch.randn(1, 2, 4, 4)
+    b, c, h, w = x.shape
+    # einops 'b c (h p1) (w p2) -> b (c p1 p2) h w', p1 = p2 = 2, written out by hand
+    rearranged = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+    torch.testing.assert_close(down(x), down[1](rearranged))
+
+
+def test_attention_layers_preserve_shape_and_full_attention_is_permutation_equivariant():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 4, 4)
+    assert LinearAttention(8, heads=2, dim_head=4)(x).shape == x.shape
+    attn = Attention(8, heads=2, dim_head=4)
+    perm = torch.randperm(16)
+    flat = x.flatten(2)
+    y = attn(x).flatten(2)[:, :, perm]
+    y_perm = attn(flat[:, :, perm].reshape(2, 8, 4, 4)).flatten(2)
+    torch.testing.assert_close(y, y_perm, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_unet_arguments_are_refused_with_the_name():
+    with pytest.raises(ValueError, match="groups"):
+        Block(4, 6, groups=4)
+    with pytest.raises(ValueError, match="dim"):
+        SinusoidalPosEmb(5)
