@@ -1,0 +1,208 @@
+"""Item 6: one diffusion training step of the seed-002 Unet (``examples/diffusion/``),
+weight standardisation on every ``Block`` conv, pfunc vs ``torch.nn.utils.parametrize``.
+
+The loss is the example's ``GaussianDiffusion.training_loss`` (noise prediction, L2,
+linear beta schedule, 1000 steps) on fixed clean images ``x0 (batch, channels, image, image)``,
+timesteps ``t`` and noise; under ``unet_dtype`` (bf16 on GPU) the forward runs in
+``torch.autocast`` and the loss in float32. Every variant ends with an AdamW step
+(betas 0.9, 0.99, as the example's ``make_optimizer``).
+
+* ``torch``: the same Unet with a torch ``nn.Module`` weight standardisation registered on
+  each Block conv by ``register_parametrization``; ``loss.backward()``; AdamW on its parameters;
+* ``pfunc``: the example's ``make_loss_fn`` (``net(params, state, x, t, x_self_cond, training=True)``
+  on :func:`examples.diffusion.unet.parametrize_unet`); ``loss.backward()``; AdamW on ``params.values()``;
+* ``pfunc func.grad``: the example's own step: ``make_grad_fn`` (``torch.func.grad_and_value``
+  of the same loss), gradients handed to AdamW as ``train_step`` does.
+
+Reported: images/s (batch / median step time), peak memory of one step (CUDA: the
+allocator's peak; CPU: the peak of live tensor bytes from ``torch.profiler`` memory
+events), and the FLOPs of one step (``torch.utils.flop_counter``) over the step time.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize as torch_parametrize
+from torch.utils.flop_counter import FlopCounterMode
+
+from .comparison import Comparison, Variant
+from .sizes import Sizes
+from .timing import Timing, synchronizer
+from .twins import copy_into_pfunc
+
+__all__ = ["available", "TorchWeightStandardization", "comparisons", "peak_memory_bytes", "step_flops"]
+
+FAMILY_NAME = "unet"
+LR = 1e-4
+
+
+def available() -> bool:
+    """Whether the diffusion example (Unet, diffusion, training step) can be imported (item 6 needs it)."""
+    try:
+        from examples.diffusion import gaussian_diffusion, training, unet  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class TorchWeightStandardization(nn.Module):
+    """The torch user's weight standardisation: ``(W - mean) / sqrt(var + eps)`` per output channel,
+    ``eps`` 1e-5 in float32 and 1e-3 otherwise (the autocast dtype when autocast is on), as seed 002."""
+
+    def forward(self, W: Tensor) -> Tensor:
+        dtype = torch.get_autocast_dtype(W.device.type) if torch.is_autocast_enabled(W.device.type) else W.dtype
+        eps = 1e-5 if dtype == torch.float32 else 1e-3
+        var, mean = torch.var_mean(W, dim=tuple(range(1, W.ndim)), keepdim=True, correction=0)
+        return (W - mean) * (var + eps).rsqrt()
+
+
+def _make_unet(sizes: Sizes) -> nn.Module:
+    from examples.diffusion.unet import Unet
+
+    heads, dim_head = sizes.unet_attn
+    return Unet(dim=sizes.unet_dim, dim_mults=sizes.unet_dim_mults, channels=sizes.unet_channels, attn_heads=heads, attn_dim_head=dim_head)
+
+
+def _diffusion_batch(sizes: Sizes, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Fixed ``(x0 in [-1, 1], t, noise)`` for every step."""
+    g = torch.Generator().manual_seed(6)
+    shape = (sizes.unet_batch, sizes.unet_channels, sizes.unet_image, sizes.unet_image)
+    x0 = torch.rand(shape, generator=g) * 2 - 1
+    noise = torch.randn(shape, generator=g)
+    t = torch.randint(0, 1000, (sizes.unet_batch,), generator=g)
+    return x0.to(device), t.to(device), noise.to(device)
+
+
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes of tensors alive during ``fn()`` beyond those alive before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with torch.autograd.profiler.profile(profile_memory=True) as prof:
+        fn()
+    deltas = []
+    for e in prof.function_events:
+        delta = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        if delta:
+            deltas.append((e.time_range.start, delta))
+    deltas.sort()
+    live = peak = 0
+    for _, delta in deltas:
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
+def step_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``fn`` (matmuls and convolutions, forward and backward)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def comparison(sizes: Sizes, device: torch.device, peak_tflops: Optional[float] = None) -> Comparison:
+    """The item-6 row, with images/s, peak memory and TFLOP/s measured after the timing."""
+    from examples.diffusion.gaussian_diffusion import GaussianDiffusion, linear_beta_schedule
+    from examples.diffusion.training import make_grad_fn, make_loss_fn, make_optimizer
+    from examples.diffusion.unet import parametrize_unet, weight_standardization_spec
+
+    torch.manual_seed(0)
+    plain = _make_unet(sizes).to(device)
+    twin = copy.deepcopy(plain)
+    for name in weight_standardization_spec(plain):
+        owner, _, leaf = name.rpartition(".")
+        torch_parametrize.register_parametrization(twin.get_submodule(owner), leaf, TorchWeightStandardization())
+    net = parametrize_unet(plain)
+    params, state = copy_into_pfunc(net, twin)
+    params_g = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in params.items()}
+    keys = tuple(sorted(params))
+    x0, t, noise = _diffusion_batch(sizes, device)
+    diffusion = GaussianDiffusion(linear_beta_schedule(1000)).to(device)
+    bf16 = sizes.unet_dtype == "bfloat16"
+    if sizes.unet_dtype not in (None, "bfloat16"):
+        raise ValueError(f"unet_dtype must be None or 'bfloat16' (the example's autocast), got {sizes.unet_dtype!r}")
+    loss_fn = make_loss_fn(net, diffusion, bf16=bf16, device_type=device.type)
+    grad_fn = make_grad_fn(loss_fn)
+    torch_named = dict(twin.named_parameters())
+    torch_params = [torch_named[k] for k in keys]
+    opt_torch = torch.optim.AdamW(torch_params, lr=LR, betas=(0.9, 0.99), weight_decay=0.0)
+    opt_pfunc = make_optimizer({k: params[k] for k in keys}, LR, 0.0)
+    opt_grad = make_optimizer({k: params_g[k] for k in keys}, LR, 0.0)
+
+    def torch_step() -> Tensor:
+        opt_torch.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = diffusion.training_loss(lambda x, time, sc: twin(x, time, sc), x0, t, noise)
+        loss.backward()
+        opt_torch.step()
+        return loss.detach()
+
+    def pfunc_step() -> Tensor:
+        opt_pfunc.zero_grad(set_to_none=True)
+        loss, _ = loss_fn(params, state, x0, t, noise, False)
+        loss.backward()
+        opt_pfunc.step()
+        return loss.detach()
+
+    def pfunc_grad_step() -> Tensor:
+        grads, (loss, _) = grad_fn(params_g, state, x0, t, noise, False)
+        for k, p in params_g.items():
+            p.grad = grads[k]
+        opt_grad.step()
+        return loss.detach()
+
+    def view(tensors: list[Tensor]) -> Callable[[Tensor], dict[str, Any]]:
+        return lambda loss: {"loss": loss, "grads": [p.grad for p in tensors]}
+
+    sync = synchronizer(device)
+    steps = {"torch": torch_step, "pfunc": pfunc_step, "pfunc func.grad": pfunc_grad_step}
+
+    def after(timing: Optional[Timing]) -> dict[str, str]:
+        flops = step_flops(pfunc_step)
+        extras = {"GFLOP/step": f"{flops / 1e9:.2f}"}
+        for name, fn in steps.items():
+            extras[f"peak MB ({name})"] = f"{peak_memory_bytes(fn, device) / 2**20:.0f}"
+        if timing is not None:
+            for name in steps:
+                seconds = timing.medians[name]
+                extras[f"images/s ({name})"] = f"{sizes.unet_batch / seconds:.1f}"
+                extras[f"TFLOP/s ({name})"] = f"{flops / seconds / 1e12:.3g}"
+                if peak_tflops:
+                    extras[f"% of peak ({name})"] = f"{100 * flops / seconds / 1e12 / peak_tflops:.1f}"
+        return extras
+
+    lo = sizes.unet_dtype is not None
+    return Comparison(
+        family=FAMILY_NAME,
+        labels={
+            "Unet": f"dim {sizes.unet_dim}, mults {sizes.unet_dim_mults}",
+            "batch": f"{sizes.unet_batch}x{sizes.unet_channels}x{sizes.unet_image}x{sizes.unet_image}",
+            "dtype": sizes.unet_dtype or "float32",
+        },
+        variants={
+            "torch": Variant(torch_step, view(torch_params)),
+            "pfunc": Variant(pfunc_step, view([params[k] for k in keys])),
+            "pfunc func.grad": Variant(pfunc_grad_step, view([params_g[k] for k in keys])),
+        },
+        reference="torch",
+        ratios=(("pfunc", "torch"), ("pfunc func.grad", "torch")),
+        rtol=5e-2 if lo else 1e-3,
+        atol=5e-3 if lo else 1e-5,
+        sync=sync,
+        after=after,
+    )
+
+
+def comparisons(sizes: Sizes, device: torch.device | str = "cpu", *, peak_tflops: Optional[float] = None) -> Iterator[Comparison]:
+    """The item-6 row, if the diffusion example is present."""
+    if available():
+        yield comparison(sizes, torch.device(device), peak_tflops)
