@@ -78,6 +78,7 @@ class Parametrized:
         named_params = dict(module.named_parameters())
         named_buffers = dict(module.named_buffers())
         self._aliases = _alias_map(module)
+        self._slots = _slots(module)
         self._module_params = named_params
         self._module_buffers = named_buffers
         self._plain_params = tuple(n for n in named_params if n not in self.chains)
@@ -234,7 +235,21 @@ class Parametrized:
         for alias, name in self._aliases.items():
             if name in values:
                 values[alias] = values[name]
-        return torch.func.functional_call(self.module, values, args, kwargs, tie_weights=False)
+        if torch.compiler.is_compiling() or not self._slots.keys() >= values.keys():
+            return torch.func.functional_call(self.module, values, args, kwargs, tie_weights=False)
+        # functional_call's semantics (swap in, call, swap back even on error) with the owners
+        # resolved once in __init__: a dict write per tensor instead of get_submodule +
+        # delattr + setattr, twice per call. Under torch.compile, functional_call is traced.
+        swapped = []
+        try:
+            for key, tensor in values.items():
+                slot, leaf = self._slots[key]
+                swapped.append((slot, leaf, slot[leaf]))
+                slot[leaf] = tensor
+            return self.module(*args, **kwargs)
+        finally:
+            for slot, leaf, old in reversed(swapped):
+                slot[leaf] = old
 
     def __call__(
         self,
@@ -475,6 +490,17 @@ class Parametrized:
 
 
 # ---------------------------------------------------------------------- helpers of registration
+def _slots(module: nn.Module) -> dict[str, tuple[dict, str]]:
+    """Every tensor name (aliases included) -> ``(owner._parameters or owner._buffers, leaf)``."""
+    slots = {}
+    for named in (module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)):
+        for name, _ in named:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            slots[name] = (owner._parameters if leaf in owner._parameters else owner._buffers, leaf)
+    return slots
+
+
 def _alias_map(module: nn.Module) -> dict[str, str]:
     """Tied tensors: every later name of a tensor -> the first name torch reports."""
     first: dict[int, str] = {}

@@ -19,6 +19,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from pfunc._vmap import mv, mv_adjoint
+
 __all__ = ["normalize", "power_iteration", "sigma", "gram_schmidt", "biggan_power_iteration"]
 
 
@@ -35,14 +37,14 @@ def power_iteration(W: Tensor, u: Tensor, v: Tensor, n_iterations: int, eps: flo
     W = W.detach()
     u, v = u.detach(), v.detach()
     for _ in range(n_iterations):
-        u = normalize(torch.mv(W, v), eps)
-        v = normalize(torch.mv(W.mH, u), eps)
+        u = normalize(mv(W, v), eps)
+        v = normalize(mv_adjoint(W, u), eps)
     return u, v
 
 
 def sigma(W: Tensor, u: Tensor, v: Tensor) -> Tensor:
     """The singular value estimate ``u^H W v`` (differentiable in ``W`` only)."""
-    return torch.vdot(u, torch.mv(W, v))
+    return torch.vdot(u, mv(W, v))
 
 
 def gram_schmidt(x: Tensor, ys: Sequence[Tensor]) -> Tensor:
@@ -63,9 +65,9 @@ def biggan_power_iteration(W: Tensor, us: Tensor, eps: float = 1e-12) -> tuple[T
     new_vs: list[Tensor] = []
     svs: list[Tensor] = []
     for i in range(us.shape[0]):
-        v = normalize(gram_schmidt(torch.mv(Wd.mT, us[i].detach()), new_vs), eps)
+        v = normalize(gram_schmidt(mv_adjoint(Wd, us[i].detach()), new_vs), eps)
         new_vs.append(v)
-        u = normalize(gram_schmidt(torch.mv(Wd, v), new_us), eps)
+        u = normalize(gram_schmidt(mv(Wd, v), new_us), eps)
         new_us.append(u)
-        svs.append(torch.dot(torch.mv(W, v), u))
+        svs.append(torch.dot(mv(W, v), u))
     return torch.stack(svs), torch.stack(new_us), torch.stack(new_vs)

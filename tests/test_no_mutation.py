@@ -96,3 +96,63 @@ def test_failed_calls_leave_params_and_state_unchanged():
         assert torch.equal(params[k], kept_p[k])
     for k in state:
         assert torch.equal(state[k], kept_s[k])
+
+
+class _Raises(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(3, 3)
+        self.register_buffer("scale", torch.ones(3))
+
+    def forward(self, x):
+        y = self.inner(x) * self.scale
+        raise RuntimeError("boom in forward")
+
+
+def test_a_forward_that_raises_leaves_the_module_holding_its_own_tensors():
+    module = _Raises()
+    originals = {n: t for n, t in [*module.named_parameters(), *module.named_buffers()]}
+    net = pf.parametrize(module, {"inner.weight": Skew()})
+    params, state = net.init()
+    with pytest.raises(RuntimeError, match="boom in forward"):
+        net(params, state, torch.randn(2, 3))
+    now = {n: t for n, t in [*module.named_parameters(), *module.named_buffers()]}
+    assert now.keys() == originals.keys()
+    assert all(now[n] is originals[n] for n in now)  # the very same objects, swapped back
+    assert isinstance(module.inner.weight, nn.Parameter)
+
+
+def test_forward_sees_the_materialized_tensors_through_parameters_and_attributes():
+    seen = {}
+
+    class Peek(nn.Linear):
+        def forward(self, x):
+            seen["attr"] = self.weight
+            seen["listed"] = dict(self.named_parameters())["weight"]
+            return super().forward(x)
+
+    net = pf.parametrize(Peek(3, 3), {"weight": Skew()})
+    params, state = net.init()
+    values, _ = net.materialize(params, state)
+    net.apply(values, torch.randn(2, 3))
+    assert seen["attr"] is values["weight"] and seen["listed"] is values["weight"]
+
+
+def test_nested_calls_of_the_same_net_restore_in_order():
+    inner_out = {}
+
+    class Recurse(nn.Linear):
+        def forward(self, x, depth=0):
+            if depth == 0:
+                inner_out["y"] = net.apply(other, x, depth=1)
+            return super().forward(x)
+
+    net = pf.parametrize(Recurse(3, 3), {"weight": Skew()})
+    params, state = net.init()
+    values, _ = net.materialize(params, state)
+    other = {k: v + 1 for k, v in values.items()}
+    x = torch.randn(2, 3)
+    out = net.apply(values, x)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, values["weight"], values["bias"]))
+    torch.testing.assert_close(inner_out["y"], torch.nn.functional.linear(x, other["weight"], other["bias"]))
+    assert isinstance(net.module.weight, nn.Parameter)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import power
+from .._vmap import is_vmapped
 from ..sampling import normal
 
 __all__ = ["SpectralNorm", "WeightNorm", "WeightStandardization"]
@@ -184,7 +185,12 @@ class WeightNorm:
         return torch.linalg.vector_norm(v, dim=dims, keepdim=True) if dims else v.abs()
 
     def forward(self, weight_g: Tensor, weight_v: Tensor) -> Tensor:
-        return weight_v * (weight_g / self._norm(weight_v))
+        if torch.compiler.is_compiling() or is_vmapped(weight_v) or is_vmapped(weight_g):
+            # torch's fused kernel has no vmap batching rule: the same maths in batchable ops
+            # (compiled, inductor fuses them; dynamo would break the graph on the vmap check)
+            return weight_v * (weight_g / self._norm(weight_v))
+        # the fused kernel (as torch's weight_norm): one op forward and backward
+        return torch._weight_norm(weight_v, weight_g, self.dim)
 
     __call__ = forward
 

@@ -179,3 +179,18 @@ def test_weight_standardization_uses_the_autocast_dtype_for_eps():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = ws(W)
     torch.testing.assert_close(out, _seed_weight_standardized(W, torch.bfloat16))
+
+
+@pytest.mark.parametrize("dim", [0, 1, None])
+def test_weight_norm_eager_is_bitwise_torchs_fused_kernel_and_vmap_matches_a_loop(dim):
+    torch.manual_seed(0)
+    m = nn.Conv2d(3, 4, 3)
+    torch_m = P.weight_norm(copy.deepcopy(m), dim=dim)
+    net = pf.parametrize(m, {"weight": WeightNorm(dim)})
+    params, state = pf.split_state_dict(net, torch_m.state_dict())   # torch's originals, exactly
+    assert torch.equal(net.materialize(params, state)[0]["weight"], torch_m.weight)
+    g = torch.stack([params["parametrizations.weight.original0"] * s for s in (0.5, 1.0, 2.0)])
+    v = torch.stack([params["parametrizations.weight.original1"] + s for s in (0.0, 0.1, -0.1)])
+    wn = WeightNorm(dim)
+    batched = torch.func.vmap(wn)(g, v)
+    torch.testing.assert_close(batched, torch.stack([wn(g[i], v[i]) for i in range(3)]))
