@@ -221,7 +221,10 @@ class Orthogonal:
             A = X.tril(diagonal=-1)
             tau = 2.0 / (1.0 + (A * A).sum(dim=-2))
             Q = torch.linalg.householder_product(A, tau)
-            Q = Q * X.diagonal(dim1=-2, dim2=-1).int().unsqueeze(-2)
+            # column signs from the diagonal: torch uses .int(), which is exact on the +-1 its
+            # right_inverse stores but zeroes a column once training moves it (0.99999 -> 0)
+            signs = torch.where(X.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(Q.dtype)
+            Q = Q * signs.unsqueeze(-2)
         if "base" in state:
             Q = state["base"] @ Q
         if transposed:

@@ -128,3 +128,27 @@ def test_orthogonal_errors_name_the_tensor():
         pf.parametrize(V(), {"v": Orthogonal()})
     with pytest.raises(ValueError, match="orthogonal_map has to be one of"):
         Orthogonal("qr")
+
+
+def test_householder_stays_orthogonal_after_weight_decay_moves_the_diagonal_where_torchs_does_not():
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 4)
+    torch_layer = P.orthogonal(copy.deepcopy(layer), orthogonal_map="householder")
+    net = pf.parametrize(layer, {"weight": Orthogonal("householder")})
+    params, state = pf.split_state_dict(net, torch_layer.state_dict())
+    assert torch.equal(net.materialize(params, state)[0]["weight"], torch_layer.weight)   # +-1 diagonal: equal
+    # one AdamW step with weight decay, on both: the stored diagonal leaves {-1, +1}
+    params = {k: v.detach().requires_grad_() for k, v in params.items()}
+    x = torch.randn(8, 4)
+    for model_params, loss in (
+        (list(params.values()), lambda: net(params, state, x)[0].pow(2).sum()),
+        (list(torch_layer.parameters()), lambda: torch_layer(x).pow(2).sum()),
+    ):
+        opt = torch.optim.AdamW(model_params, lr=1e-3, weight_decay=0.01)
+        loss().backward()
+        opt.step()
+    eye = torch.eye(4)
+    W = net.materialize(params, state)[0]["weight"].detach()
+    torch.testing.assert_close(W.T @ W, eye)
+    Wt = torch_layer.weight.detach()
+    assert not torch.allclose(Wt.T @ Wt, eye, atol=1e-3)   # torch's .int() zeroed columns
