@@ -212,10 +212,9 @@ class Parametrized:
             values[k] = state[k]
         new_state = None
         for plan in self._plans:
-            source = state if plan.chain.is_buffer else params
-            originals = [source[k] for k in plan.original_keys]
-            sp = [{l: params[k] for l, k in keys} for keys in plan.step_param_keys]
-            ss = [{l: state[k] for l, k in keys} for keys in plan.step_state_keys]
+            originals = _pick(state if plan.chain.is_buffer else params, plan.original_keys)
+            sp = _pick_steps(params, plan.step_param_keys)
+            ss = _pick_steps(state, plan.step_state_keys)
             y, ss_new = plan.chain.forward(originals, sp, ss, training)
             values[plan.name] = y
             if plan.stateful:
@@ -490,6 +489,17 @@ class Parametrized:
 
 
 # ---------------------------------------------------------------------- helpers of registration
+def _pick(tree: Mapping[str, Tensor], keys: Sequence[str]) -> list[Tensor]:
+    """``[tree[k] for k in keys]``, as a function: torch 2.4's dynamo fails on comprehensions
+    that close over a loop variable."""
+    return [tree[k] for k in keys]
+
+
+def _pick_steps(tree: Mapping[str, Tensor], steps: Sequence[Sequence[tuple[str, str]]]) -> list[dict[str, Tensor]]:
+    """Per chain step, ``{local name: tree[global key]}``."""
+    return [{local: tree[key] for local, key in keys} for keys in steps]
+
+
 def _slots(module: nn.Module) -> dict[str, tuple[dict, str]]:
     """Every tensor name (aliases included) -> ``(owner._parameters or owner._buffers, leaf)``."""
     slots = {}

@@ -7,6 +7,8 @@ from torch import nn
 import pfunc as pf
 from pfunc.parametrizations import MatrixExp, Orthogonal, Skew, SpectralNorm, WeightNorm, WeightStandardization
 
+pytestmark = pytest.mark.compile
+
 
 def _net():
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 1))

@@ -37,6 +37,7 @@ def test_unet_step_pfunc_equals_torch_parametrize():
     comparison.check()
 
 
+@pytest.mark.compile
 def test_compiled_rows_agree_and_pfunc_code_has_no_graph_break():
     # aot_eager: dynamo capture and AOTAutograd as with inductor, without code generation (CI time)
     rows = [

@@ -192,6 +192,7 @@ def _compiled_matches_eager(net, diffusion, params, state, use_scs=(True,)):
             torch.testing.assert_close(gc[k], ge[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+@pytest.mark.compile
 def test_compiled_grad_fn_matches_eager_through_weight_standardization():
     torch.manual_seed(0)
     module = SmallDenoiser()
@@ -202,6 +203,7 @@ def test_compiled_grad_fn_matches_eager_through_weight_standardization():
 
 
 @pytest.mark.slow
+@pytest.mark.compile
 def test_compiled_grad_fn_matches_eager_on_the_unet():
     unet, net, diffusion, params, state = _setup(self_condition=True)
     _compiled_matches_eager(net, diffusion, params, state, use_scs=(False, True))
