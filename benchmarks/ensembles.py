@@ -6,6 +6,8 @@ call), its own batch ``(batch, in)`` and MSE loss, SGD with ``lr = 0.01``.
 
 * ``pfunc vmap``: one ``torch.func.vmap(torch.func.grad_and_value(loss))`` over the
   stacked ``(params, state)`` of all members, then ``p - lr * g`` on the stacked tensors;
+* ``pfunc vmap+backward``: ``torch.func.vmap(loss)`` forward, then one ``torch.autograd.grad``
+  of the summed losses (what ``examples/ensemble.py`` does; no ``create_graph``), same update;
 * ``torch loop``: a Python loop of forward + ``backward()`` over N torch-parametrized
   modules, then ``torch.optim.SGD(..., foreach=True).step()`` on all of them.
 
@@ -131,15 +133,27 @@ def comparison(sizes: Sizes, n: int, device: torch.device) -> Comparison:
             new_params = {k: p - LR * grads[k] for k, p in params.items()}
         return new_params, new_state, loss
 
+    step_losses = torch.func.vmap(loss_fn)
+
+    def pfunc_vmap_backward() -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        # vmapped forward, one autograd backward of the summed losses: member k's gradient is
+        # d loss_k / d params_k, without torch.func.grad's create_graph=True
+        losses, new_state = step_losses(params, state, xs, ys)
+        grads = torch.autograd.grad(losses.sum(), [params[k] for k in keys])
+        with torch.no_grad():
+            new_params = {k: params[k] - LR * g for k, g in zip(keys, grads)}
+        return new_params, new_state, losses.detach()
+
     return Comparison(
         family=FAMILY_NAME,
         labels={"N": str(n), "member": f"{sizes.ensemble_in}-{sizes.ensemble_hidden}-{sizes.ensemble_hidden}-1", "batch": str(sizes.ensemble_batch)},
         variants={
             "torch loop": Variant(torch_loop, torch_view),
             "pfunc vmap": Variant(pfunc_vmap, lambda r: {"loss": r[2], "params": r[0], "state": r[1]}),
+            "pfunc vmap+backward": Variant(pfunc_vmap_backward, lambda r: {"loss": r[2], "params": r[0], "state": r[1]}),
         },
         reference="torch loop",
-        ratios=(("pfunc vmap", "torch loop"),),
+        ratios=(("pfunc vmap", "torch loop"), ("pfunc vmap+backward", "torch loop")),
         rtol=1e-4,
         atol=1e-5,
         sync=synchronizer(device),

@@ -139,11 +139,20 @@ def goals(rows: Sequence[Row], device: str) -> list[Goal]:
     ens = [r for r in _rows(rows, "ensembles") if r.comparison.labels.get("N") == "32"]
     need = 0.2
     if ens:
-        x = ens[0].ratio("pfunc vmap", "torch loop")
-        status = "met" if x <= need else "not met"
-        ev = f"N=32: pfunc vmap / torch loop = {x:.2f} ({1 / x:.1f}x faster)"
-        others = [(r.comparison.labels["N"], r.ratio("pfunc vmap", "torch loop")) for r in _rows(rows, "ensembles")]
-        ev += "; all N: " + ", ".join(f"N={n} {1 / v:.1f}x" for n, v in others)
+        ev_parts = []
+        best = None
+        for variant in ("pfunc vmap", "pfunc vmap+backward"):
+            if variant not in ens[0].comparison.variants:
+                continue
+            x = ens[0].ratio(variant, "torch loop")
+            best = x if best is None else min(best, x)
+            others = [(r.comparison.labels["N"], r.ratio(variant, "torch loop")) for r in _rows(rows, "ensembles")]
+            ev_parts.append(
+                f"{variant}: N=32 {x:.2f} of the loop ({1 / x:.1f}x faster); all N: "
+                + ", ".join(f"N={n} {1 / v:.1f}x" for n, v in others)
+            )
+        status = "met" if best <= need else "not met"
+        ev = "; ".join(ev_parts)
     else:
         status, ev = "not measured", ""
     out.append(Goal(f"vmap ensembles at least 5x faster than the loop at N=32 ({device})", status, ev))
