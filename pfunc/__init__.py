@@ -19,7 +19,13 @@ ParametrizationList = Chain  # torch's name for a chain of parametrizations on o
 
 __version__ = "0.1.0"
 
+#: The oldest torch whose ``torch.compile`` handles pfunc's functional path (``functional_call``
+#: under ``torch.func.grad``): 2.4 does not capture ``torch.func.grad``, and 2.5's AOTAutograd fails
+#: compiling ``grad_and_value``. Eager pfunc works on every torch ``pyproject.toml`` admits.
+COMPILE_MIN_TORCH = "2.6"
+
 __all__ = [
+    "COMPILE_MIN_TORCH",
     "Parametrized",
     "parametrize",
     "is_parametrized",

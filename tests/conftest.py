@@ -16,18 +16,14 @@ settings.register_profile("dev", max_examples=200, deadline=None, print_blob=Tru
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
-# torch.compile over torch.func transforms and functional_call: torch 2.4's dynamo breaks the
-# graph at functional_call and does not capture torch.func.grad; torch 2.5's AOTAutograd fails
-# compiling grad_and_value ("must be called with a dataclass type or instance"). 2.6 works.
-COMPILE_MIN_TORCH = "2.6"
-
-
 def pytest_collection_modifyitems(config, items):
     """``slow`` tests run only with PFUNC_SLOW=1 (CI keeps under its time budget); ``compile``
     tests only on a torch whose compiler handles pfunc's functional path."""
     import pytest
     import torch
     from torch.torch_version import TorchVersion
+
+    from pfunc import COMPILE_MIN_TORCH
 
     slow = None if os.environ.get("PFUNC_SLOW") == "1" else pytest.mark.skip(reason="slow: set PFUNC_SLOW=1 to run")
     compile_ok = TorchVersion(torch.__version__) >= COMPILE_MIN_TORCH

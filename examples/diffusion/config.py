@@ -23,10 +23,9 @@ from typing import Any, Mapping, Optional
 import torch
 from torch.torch_version import TorchVersion
 
-from .gaussian_diffusion import OBJECTIVES, SCHEDULES
+import pfunc
 
-# torch 2.4 does not capture torch.func.grad; torch 2.5 fails compiling grad_and_value
-COMPILE_MIN_TORCH = "2.6"
+from .gaussian_diffusion import OBJECTIVES, SCHEDULES
 
 __all__ = ["TrainConfig", "PRESETS", "RUN_OPTIONS", "ConfigError", "validate", "config_differences", "flag"]
 
@@ -235,9 +234,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--ddim-eta must be in [0, 1], got {cfg.ddim_eta}")
     if not 0 <= cfg.ema_decay < 1:
         raise ConfigError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
-    if cfg.compile and TorchVersion(torch.__version__) < COMPILE_MIN_TORCH:
+    if cfg.compile and TorchVersion(torch.__version__) < pfunc.COMPILE_MIN_TORCH:
         raise ConfigError(
-            f"--compile needs torch >= {COMPILE_MIN_TORCH} (this is torch {torch.__version__}: its compiler "
+            f"--compile needs torch >= {pfunc.COMPILE_MIN_TORCH} (this is torch {torch.__version__}: its compiler "
             "cannot compile torch.func.grad_and_value over functional_call); use --no-compile"
         )
     if cfg.dataset == "shapes":

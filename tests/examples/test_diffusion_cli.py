@@ -97,11 +97,12 @@ def test_presets_are_valid_configs():
 
 
 def test_compile_on_a_torch_that_cannot_compile_the_step_is_refused_naming_the_flag(monkeypatch):
+    import pfunc
     from examples.diffusion import config
 
     cfg = TrainConfig(**PRESETS["gpu"])
     assert cfg.compile
-    monkeypatch.setattr(config, "COMPILE_MIN_TORCH", "99.0")
+    monkeypatch.setattr(pfunc, "COMPILE_MIN_TORCH", "99.0")
     with pytest.raises(config.ConfigError, match=r"--compile needs torch >= 99.0 \(this is torch "):
         config.validate(cfg)
     config.validate(TrainConfig(**{**PRESETS["gpu"], "compile": False}))
