@@ -78,7 +78,7 @@ class Parametrized:
         named_params = dict(module.named_parameters())
         named_buffers = dict(module.named_buffers())
         self._aliases = _alias_map(module)
-        self._slots = _slots(module)
+        self._slots, self._edges = _slots(module)
         self._module_params = named_params
         self._module_buffers = named_buffers
         self._plain_params = tuple(n for n in named_params if n not in self.chains)
@@ -234,11 +234,16 @@ class Parametrized:
         for alias, name in self._aliases.items():
             if name in values:
                 values[alias] = values[name]
-        if torch.compiler.is_compiling() or not self._slots.keys() >= values.keys():
+        if (
+            torch.compiler.is_compiling()
+            or not self._slots.keys() >= values.keys()
+            or any(parent._modules.get(name) is not child for parent, name, child in self._edges)
+        ):
+            # traced under torch.compile; by name when the module's tree changed since __init__
             return torch.func.functional_call(self.module, values, args, kwargs, tie_weights=False)
         # functional_call's semantics (swap in, call, swap back even on error) with the owners
         # resolved once in __init__: a dict write per tensor instead of get_submodule +
-        # delattr + setattr, twice per call. Under torch.compile, functional_call is traced.
+        # delattr + setattr, twice per call.
         swapped = []
         try:
             for key, tensor in values.items():
@@ -500,15 +505,21 @@ def _pick_steps(tree: Mapping[str, Tensor], steps: Sequence[Sequence[tuple[str, 
     return [{local: tree[key] for local, key in keys} for keys in steps]
 
 
-def _slots(module: nn.Module) -> dict[str, tuple[dict, str]]:
-    """Every tensor name (aliases included) -> ``(owner._parameters or owner._buffers, leaf)``."""
+def _slots(module: nn.Module) -> tuple[dict[str, tuple[dict, str]], tuple[tuple[nn.Module, str, nn.Module], ...]]:
+    """Every tensor name (aliases included) -> ``(owner._parameters or owner._buffers, leaf)``,
+    and the ``(parent, name, child)`` edges leading to those owners (to notice a replaced submodule)."""
     slots = {}
+    edges = {}
     for named in (module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)):
         for name, _ in named:
-            owner_name, _, leaf = name.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
+            *path, leaf = name.split(".")
+            owner = module
+            for part in path:
+                child = owner._modules[part]
+                edges[(id(owner), part)] = (owner, part, child)
+                owner = child
             slots[name] = (owner._parameters if leaf in owner._parameters else owner._buffers, leaf)
-    return slots
+    return slots, tuple(edges.values())
 
 
 def _alias_map(module: nn.Module) -> dict[str, str]:

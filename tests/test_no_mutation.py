@@ -156,3 +156,15 @@ def test_nested_calls_of_the_same_net_restore_in_order():
     torch.testing.assert_close(out, torch.nn.functional.linear(x, values["weight"], values["bias"]))
     torch.testing.assert_close(inner_out["y"], torch.nn.functional.linear(x, other["weight"], other["bias"]))
     assert isinstance(net.module.weight, nn.Parameter)
+
+
+def test_a_submodule_replaced_after_building_still_gets_the_values():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    net = pf.parametrize(model, {"0.weight": Skew()})
+    params, state = net.init()
+    values, _ = net.materialize(params, state)
+    model[1] = nn.Linear(3, 2)   # the caller edits the module; pfunc's values must still be what runs
+    x = torch.randn(4, 3)
+    expected = torch.func.functional_call(model, values, (x,))
+    torch.testing.assert_close(net.apply(values, x), expected)
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
