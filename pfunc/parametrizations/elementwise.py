@@ -22,7 +22,8 @@ __all__ = ["Positive", "Bounded", "Mask"]
 
 
 class Positive:
-    """``X -> softplus(X)`` (default) or ``exp(X)``: strictly positive values.
+    """``X -> softplus(X)`` (default) or ``exp(X)``: strictly positive values (at least the
+    dtype's smallest normal number, where the map underflows).
 
     ``right_inverse`` is the exact inverse on positive values (``log(expm1(y))``,
     computed stably, or ``log(y)``).
@@ -37,7 +38,9 @@ class Positive:
         return f"Positive({self.kind!r})"
 
     def forward(self, X: Tensor) -> Tensor:
-        return F.softplus(X) if self.kind == "softplus" else torch.exp(X)
+        Y = F.softplus(X) if self.kind == "softplus" else torch.exp(X)
+        # softplus(-104) and exp(-104) underflow to 0 in float32: keep the promise of Y > 0
+        return Y.clamp_min(torch.finfo(Y.dtype).tiny)
 
     __call__ = forward
 
@@ -48,7 +51,8 @@ class Positive:
 
 
 class Bounded:
-    """``X -> low + (high - low) * sigmoid(X)``: values in the open interval ``(low, high)``."""
+    """``X -> low + (high - low) * sigmoid(X)``: values in the open interval ``(low, high)``
+    (where the sigmoid saturates, the representable values next to the bounds)."""
 
     def __init__(self, low: float, high: float):
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
@@ -60,7 +64,12 @@ class Bounded:
         return f"Bounded({self.low}, {self.high})"
 
     def forward(self, X: Tensor) -> Tensor:
-        return self.low + (self.high - self.low) * torch.sigmoid(X)
+        Y = self.low + (self.high - self.low) * torch.sigmoid(X)
+        # in float32 sigmoid(17) == 1 (and 1 - sigmoid(-17)... == 0): keep the promise of the open
+        # interval with the representable values just inside it
+        low = torch.tensor(self.low, dtype=Y.dtype, device=Y.device)
+        high = torch.tensor(self.high, dtype=Y.dtype, device=Y.device)
+        return Y.clamp(torch.nextafter(low, high), torch.nextafter(high, low))
 
     __call__ = forward
 
