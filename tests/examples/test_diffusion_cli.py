@@ -13,13 +13,7 @@ from examples.diffusion.train import build_parser, main, resolve_device
 from examples.plotting import save_image_grid
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and OpenMP threads stall badly on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/examples/conftest.py
 
 
 TINY = [

@@ -11,13 +11,7 @@ from examples.diffusion.data import draw_shapes
 from examples.diffusion.quality import evaluate_shapes, frechet_distance, nearest_neighbour_rms, train_judge
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and OpenMP threads stall badly on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/examples/conftest.py
 
 
 @given(seed=st.integers(0, 2**16), d=st.integers(1, 6))

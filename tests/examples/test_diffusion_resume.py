@@ -16,13 +16,7 @@ from examples.diffusion.checkpoint import load_checkpoint
 from examples.diffusion.train import main, read_losses
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and OpenMP threads stall badly on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/examples/conftest.py
 
 
 REPO = Path(__file__).resolve().parents[2]
