@@ -86,7 +86,7 @@ def save_image_grid(
         top, left = padding + r * (hs + padding), padding + q * (ws + padding)
         grid[:, top : top + hs, left : left + ws] = x[i]
     pixels = (grid * 255).round().to(torch.uint8)
-    image = Image.fromarray(pixels[0].numpy(), "L") if c == 1 else Image.fromarray(pixels.permute(1, 2, 0).numpy(), "RGB")
+    image = Image.fromarray((pixels[0] if c == 1 else pixels.permute(1, 2, 0)).numpy())  # uint8: L or RGB
     write_atomically(path, lambda f: image.save(f, format=fmt), what="save_image_grid")
 
 
