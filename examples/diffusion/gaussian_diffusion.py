@@ -1,4 +1,4 @@
-"""Gaussian diffusion (DDPM/DDIM) as pure functions of a denoiser, as in seed 002.
+"""Gaussian diffusion (DDPM of Ho et al., DDIM of Song et al.) as pure functions of a denoiser.
 
 :class:`GaussianDiffusion` holds only the noise schedule (plain tensors) and options;
 every method takes the denoiser as an argument, ``model(x_t, t, x_self_cond) -> out``,
@@ -7,8 +7,8 @@ closes over the EMA ``params``), and never owns weights. All randomness comes in
 tensors or an explicit ``torch.Generator``.
 
 Conventions: data in ``[-1, 1]`` (:func:`normalize_to_neg_one_to_one`), integer
-times ``t`` in ``[0, num_timesteps)``, ``objective`` one of ``"pred_noise"`` (the
-seed's), ``"pred_x0"``, ``"pred_v"``. With ``learned_variance`` the denoiser returns
+times ``t`` in ``[0, num_timesteps)``, ``objective`` one of ``"pred_noise"`` (DDPM's),
+``"pred_x0"``, ``"pred_v"``. With ``learned_variance`` the denoiser returns
 twice the channels; the second half interpolates the log variance between
 ``beta_t`` and the posterior variance (Improved DDPM), trained with the hybrid loss.
 
@@ -40,6 +40,8 @@ __all__ = [
     "GaussianDiffusion",
     "OBJECTIVES",
     "SCHEDULES",
+    "ddim_time_pairs",
+    "ddim_coefficients",
 ]
 
 Denoiser = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
@@ -175,6 +177,7 @@ class GaussianDiffusion:
         }
         device = self.betas.device
         object.__setattr__(self, "_betas64", betas.cpu())
+        object.__setattr__(self, "_alphas_cumprod64", ac.cpu())
         object.__setattr__(self, "betas", betas.to(torch.float32).to(device))
         for k, v in derived.items():
             object.__setattr__(self, k, v.to(torch.float32).to(device))
@@ -252,7 +255,7 @@ class GaussianDiffusion:
     def model_predictions(
         self, model: Denoiser, x: Tensor, t: Tensor, x_self_cond: Optional[Tensor] = None, clip_x_start: bool = False
     ) -> ModelPrediction:
-        """Run ``model`` on ``x_t`` and read its output (the seed's ``model_predictions``)."""
+        """Run ``model`` on ``x_t`` and read its output (``model_predictions`` of denoising-diffusion-pytorch)."""
         pred, _ = self._split(model(x, t, x_self_cond))
         return self.interpret(pred, x, t, clip_x_start)
 
@@ -284,12 +287,12 @@ class GaussianDiffusion:
         noise: Tensor,
         use_self_condition: bool = False,
     ) -> Tensor:
-        """The mean training loss on a batch (the seed's ``p_losses`` with the L2 loss).
+        """The mean training loss on a batch (``p_losses`` of denoising-diffusion-pytorch, L2 loss).
 
         ``t`` and ``noise`` are drawn by the caller (explicit randomness). With
-        ``use_self_condition`` (the caller's coin flip, half the time in the seed) the
+        ``use_self_condition`` (the caller's coin flip, half the time as in Chen et al.'s self-conditioning) the
         model first sees ``x_t`` alone and its detached ``x_0`` estimate, clipped to
-        ``[-1, 1]`` as in sampling (the seed feeds it unclipped), is fed back.
+        ``[-1, 1]`` as in sampling (denoising-diffusion-pytorch feeds it unclipped), is fed back.
         With learned variance the variational bound (KL to the true posterior, the
         decoder likelihood at ``t = 0``, in bits per dimension) is added, with gradients
         only to the variance (the mean is detached), as Improved DDPM.
@@ -329,14 +332,23 @@ class GaussianDiffusion:
 
     # -------------------------------------------------------------------------- sampling
     @torch.no_grad()
-    def ddpm_sample(self, model: Denoiser, shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
-        """Ancestral sampling through all ``num_timesteps`` steps; returns images in ``[0, 1]``."""
+    def ddpm_sample(
+        self,
+        model: Denoiser,
+        shape: tuple[int, ...],
+        generator: torch.Generator,
+        device: torch.device | str = "cpu",
+        on_step: Optional[Callable[[], None]] = None,
+    ) -> Tensor:
+        """Ancestral sampling through all ``num_timesteps`` steps; returns images in ``[0, 1]``. ``on_step()`` after each step."""
         img = _randn(shape, generator, device)
         x_start = None
         for time in reversed(range(self.num_timesteps)):
             t = torch.full((shape[0],), time, device=device, dtype=torch.long)
             mean, log_var, x_start = self.p_mean_variance(model, img, t, x_start if self.self_condition else None)
             img = mean + (0.5 * log_var).exp() * _randn(shape, generator, device) if time > 0 else mean
+            if on_step is not None:
+                on_step()
         return unnormalize_to_zero_to_one(img).clamp(0, 1)
 
     @torch.no_grad()
@@ -348,26 +360,33 @@ class GaussianDiffusion:
         sampling_timesteps: int,
         eta: float = 0.0,
         device: torch.device | str = "cpu",
+        on_step: Optional[Callable[[], None]] = None,
     ) -> Tensor:
-        """DDIM sampling in ``sampling_timesteps`` steps (``eta = 0``: deterministic given the start); images in ``[0, 1]``."""
+        """DDIM sampling in ``sampling_timesteps`` steps (``eta = 0``: deterministic given the start); images in ``[0, 1]``.
+
+        The steps visit :func:`ddim_time_pairs`; each moves with :func:`ddim_coefficients`.
+        ``on_step()`` is called after each step (a progress display).
+        """
         if not 1 <= sampling_timesteps <= self.num_timesteps:
             raise ValueError(f"ddim_sample: sampling_timesteps must be in [1, {self.num_timesteps}], got {sampling_timesteps}")
-        times = torch.linspace(-1, self.num_timesteps - 1, steps=sampling_timesteps + 1).int().tolist()
-        pairs = list(zip(reversed(times[1:]), reversed(times[:-1])))  # (t, t_next): (T-1, ...), ..., (0, -1)
+        if not (isinstance(eta, (int, float)) and math.isfinite(eta) and 0 <= eta <= 1):
+            raise ValueError(f"ddim_sample: eta must be a number in [0, 1], got {eta!r}")
         img = _randn(shape, generator, device)
         x_start = None
-        for time, time_next in pairs:
+        for time, time_next in ddim_time_pairs(self.num_timesteps, sampling_timesteps):
             t = torch.full((shape[0],), time, device=device, dtype=torch.long)
             pred_noise, x_start = self.model_predictions(model, img, t, x_start if self.self_condition else None, clip_x_start=True)
             if time_next < 0:
                 img = x_start
-                continue
-            alpha, alpha_next = self.alphas_cumprod[time], self.alphas_cumprod[time_next]
-            sigma = eta * ((1 - alpha / alpha_next) * (1 - alpha_next) / (1 - alpha)).sqrt()
-            c = (1 - alpha_next - sigma**2).sqrt()
-            img = x_start * alpha_next.sqrt() + c * pred_noise
-            if eta > 0:
-                img = img + sigma * _randn(shape, generator, device)
+            else:
+                # from the float64 schedule: in float32, 1 - abar_next - sigma^2 can round below 0 (see ddim_coefficients)
+                ac = self._alphas_cumprod64
+                c, sigma = ddim_coefficients(float(ac[time]), float(ac[time_next]), eta)
+                img = x_start * math.sqrt(float(ac[time_next])) + c * pred_noise
+                if eta > 0:
+                    img = img + sigma * _randn(shape, generator, device)
+            if on_step is not None:
+                on_step()
         return unnormalize_to_zero_to_one(img).clamp(0, 1)
 
     def sample(
@@ -378,14 +397,62 @@ class GaussianDiffusion:
         sampling_timesteps: Optional[int] = None,
         eta: float = 0.0,
         device: torch.device | str = "cpu",
+        on_step: Optional[Callable[[], None]] = None,
     ) -> Tensor:
-        """DDIM when ``sampling_timesteps < num_timesteps``, else DDPM (the seed's rule); images in ``[0, 1]``."""
+        """DDIM when ``sampling_timesteps < num_timesteps``, else DDPM (the rule of Song et al.'s DDIM code);
+        images in ``[0, 1]``. ``on_step()`` is called after each of the :meth:`num_sampling_steps` steps."""
         steps = self.num_timesteps if sampling_timesteps is None else sampling_timesteps
         if steps < self.num_timesteps:
-            return self.ddim_sample(model, shape, generator, steps, eta, device)
+            return self.ddim_sample(model, shape, generator, steps, eta, device, on_step)
         if steps > self.num_timesteps:
             raise ValueError(f"sample: sampling_timesteps must be at most num_timesteps={self.num_timesteps}, got {steps}")
-        return self.ddpm_sample(model, shape, generator, device)
+        return self.ddpm_sample(model, shape, generator, device, on_step)
+
+    def num_sampling_steps(self, sampling_timesteps: Optional[int] = None) -> int:
+        """How many denoiser calls :meth:`sample` makes per batch (``on_step`` calls)."""
+        return self.num_timesteps if sampling_timesteps is None else min(sampling_timesteps, self.num_timesteps)
+
+
+def ddim_time_pairs(num_timesteps: int, sampling_timesteps: int) -> list[tuple[int, int]]:
+    """The ``(t, t_next)`` pairs DDIM visits: ``sampling_timesteps`` evenly spaced steps from ``T - 1`` down,
+    the last one to ``-1`` (meaning: return the ``x_0`` estimate).
+
+    >>> ddim_time_pairs(1000, 4)
+    [(999, 749), (749, 499), (499, 249), (249, -1)]
+    """
+    if not 1 <= sampling_timesteps <= num_timesteps:
+        raise ValueError(f"ddim_time_pairs: sampling_timesteps must be in [1, {num_timesteps}], got {sampling_timesteps}")
+    times = torch.linspace(-1, num_timesteps - 1, steps=sampling_timesteps + 1).int().tolist()
+    return list(zip(reversed(times[1:]), reversed(times[:-1])))
+
+
+def ddim_coefficients(alpha: float, alpha_next: float, eta: float) -> tuple[float, float]:
+    """``(c, sigma)`` of one DDIM step from ``abar_t = alpha`` to ``abar_next = alpha_next > alpha``:
+    ``x_next = sqrt(abar_next) x0_hat + c eps_hat + sigma z``, with ``c^2 + sigma^2 = 1 - abar_next``.
+
+    ``sigma^2 = eta^2 (1 - abar_next) / (1 - abar_t) (1 - abar_t / abar_next)`` (Song et al.). The
+    textbook ``c = sqrt(1 - abar_next - sigma^2)`` subtracts two nearly equal numbers when ``abar_t``
+    is tiny (the cosine schedule's last step has ``abar ~ 2.4e-9``, its beta clipped at 0.999): at
+    ``eta = 1`` the true ``c^2 = abar_t (1 - abar_next)^2 / (abar_next (1 - abar_t))`` is ~1e-9,
+    far below float32's rounding error of ``1 - abar_next`` (6e-8), so the difference came out
+    ``+-6e-8`` by chance, and ``sqrt`` of the negative one made every image NaN. Here ``c^2`` is
+    written as a sum of non-negative terms, without that cancellation, and computed in float64:
+
+    ``c^2 = (1 - abar_next) [(1 - eta^2) abar_next (1 - abar_t) + eta^2 abar_t (1 - abar_next)] / (abar_next (1 - abar_t))``
+
+    >>> c, s = ddim_coefficients(2.4e-9, 0.25, 1.0)
+    >>> c > 0 and abs(c * c + s * s - 0.75) < 1e-12
+    True
+    """
+    if not 0 < alpha < alpha_next <= 1:
+        raise ValueError(f"ddim_coefficients: need 0 < alpha < alpha_next <= 1, got {alpha!r} and {alpha_next!r}")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"ddim_coefficients: eta must be in [0, 1], got {eta!r}")
+    e2 = eta * eta
+    denominator = alpha_next * (1.0 - alpha)
+    sigma2 = e2 * (1.0 - alpha_next) * (alpha_next - alpha) / denominator
+    c2 = (1.0 - alpha_next) * ((1.0 - e2) * alpha_next * (1.0 - alpha) + e2 * alpha * (1.0 - alpha_next)) / denominator
+    return math.sqrt(c2), math.sqrt(sigma2)
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str) -> Tensor:
