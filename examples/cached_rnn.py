@@ -1,7 +1,7 @@
 """An orthogonal RNN on the adding problem, with its recurrent kernel materialised once per sequence.
 
-The recurrent kernel is ``Cayley(Skew(X))`` (or ``MatrixExp(Skew(X))``), as in the
-parametrization tutorial (seed 001). With ``torch.nn.utils.parametrize`` every read
+The recurrent kernel is ``Cayley(Skew(X))`` (or ``MatrixExp(Skew(X))``), as in PyTorch's
+parametrizations tutorial. With ``torch.nn.utils.parametrize`` every read
 of ``cell.recurrent.weight`` inside the time loop recomputes the map unless the loop
 sits in ``parametrize.cached()``; with pfunc the cache is explicit:
 ``values, state = cell.materialize(params, state)`` once, then
@@ -12,8 +12,12 @@ the cached model and compares its test loss with the trivial predictor's.
 
 Run from the repository root::
 
-    python -m examples.cached_rnn                 # about a minute on 2 CPU cores
+    python -m examples.cached_rnn                 # about 30 s on 2 CPU cores
     python -m examples.cached_rnn --steps 20 --seq-len 20 --timing-budget 1 --timing-repeats 2   # smoke test
+
+Each run writes a new folder ``<--results-dir>/<YYYY-mm-dd_HH-MM-SS>_<map>/`` (default
+``--results-dir results/cached_rnn``; a previous run is never overwritten) with ``metrics.json``
+and ``loss.png``. Progress (loss, time left) goes to standard error.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -32,7 +37,11 @@ from torch.nn.utils import parametrize as torch_parametrize
 
 import pfunc as pf
 from benchmarks.timing import measure
-from examples.plotting import save_line_plot
+from examples import arguments as A
+from examples.atomic import write_atomically
+from examples.plots import save_line_plot
+from examples.progress import progress
+from examples.run_folder import run_in_new_folder
 from pfunc.parametrizations import Cayley, MatrixExp, Skew
 
 __all__ = [
@@ -42,7 +51,8 @@ __all__ = [
     "build",
     "forward_cached",
     "forward_per_step",
-        "train",
+    "compare_caching",
+    "train",
     "main",
 ]
 
@@ -244,8 +254,11 @@ def train(
     seed: int,
     log_every: int = 100,
     log: Callable[[str], None] = print,
+    on_step: Callable[[int, float], None] = lambda step, loss: None,
 ) -> dict:
-    """Train the cached model; returns the loss curve, the test MSE and the trivial predictor's."""
+    """Train the cached model; returns the loss curve, the test MSE and the trivial predictor's.
+
+    ``log`` gets a line every ``log_every`` steps, ``on_step(step, loss)`` every step (a progress bar)."""
     cell, head, params, state, counter = build(hidden, orthogonal_map, seed)
     opt = torch.optim.Adam([*params.values(), *head.parameters()], lr=lr)
     g = torch.Generator().manual_seed(seed + 2)
@@ -260,6 +273,7 @@ def train(
         torch.nn.utils.clip_grad_norm_([*params.values(), *head.parameters()], 1.0)
         opt.step()
         losses.append(float(loss.detach()))
+        on_step(step, losses[-1])
         if step % log_every == 0 or step == steps:
             recent = statistics.fmean(losses[-log_every:])
             log(f"step {step:5d}  mse {recent:.4f}  ({time.perf_counter() - t0:.1f}s)")
@@ -286,24 +300,36 @@ def _running_mean(xs: list[float], window: int) -> list[float]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=50, help="sequence length T of the adding problem")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=2500, help="training steps (cached model)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--map", dest="orthogonal_map", choices=("cayley", "matrix_exp"), default="cayley")
-    p.add_argument("--timing-budget", type=float, default=10.0, help="seconds for the timing comparison")
-    p.add_argument("--timing-repeats", type=int, default=5, help="at least this many timed rounds (medians)")
-    p.add_argument("--timing-hidden", type=int, default=128, help="hidden size of the timing comparison")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("results/cached_rnn"), help="where metrics.json and loss.png go")
+    p = A.ArgumentParser(prog="python -m examples.cached_rnn", description=__doc__.split("\n")[0])
+    p.add_argument("--hidden", type=A.positive_int, default=64, help="hidden size of the trained model")
+    p.add_argument("--seq-len", type=A.positive_int, default=50, help="sequence length T of the adding problem (at least 2)")
+    p.add_argument("--batch", type=A.positive_int, default=64, help="sequences per batch")
+    p.add_argument("--steps", type=A.positive_int, default=2500, help="training steps (cached model)")
+    p.add_argument("--lr", type=A.positive_float, default=3e-3, help="Adam's learning rate")
+    p.add_argument("--map", dest="orthogonal_map", choices=("cayley", "matrix_exp"), default="cayley",
+                   help="the orthogonal map after Skew")
+    p.add_argument("--timing-budget", type=A.positive_float, default=10.0, help="seconds for the timing comparison")
+    p.add_argument("--timing-repeats", type=A.positive_int, default=5, help="at least this many timed rounds (medians)")
+    p.add_argument("--timing-hidden", type=A.positive_int, default=128, help="hidden size of the timing comparison")
+    p.add_argument("--seed", type=A.seed, default=0, help="seed of the initialisation and the data")
+    p.add_argument("--results-dir", default="results/cached_rnn",
+                   help="parent of the run folder <YYYY-mm-dd_HH-MM-SS>_<map> (default results/cached_rnn)")
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    args = _parser().parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    """The command line: time the four variants, train, score, write. Returns the metrics (with
+    ``"run_folder"`` and the losses). Bad flags exit with status 2, an unusable results folder
+    with 1, Ctrl-C with 130 (a run folder with nothing in it yet is removed), each with one line."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.seq_len < 2:
+        parser.error(f"argument --seq-len: the adding problem needs at least 2 steps, got {args.seq_len}")
+    return run_in_new_folder(args.results_dir, args.orthogonal_map, lambda out: _run(args, out))
+
+
+def _run(args: argparse.Namespace, out: Path) -> dict:
+    print(f"run folder: {out}")
     print(f"timing one training step (forward + backward; hidden {args.timing_hidden}, T {args.seq_len}, batch {args.batch})")
     timing = compare_caching(
         args.timing_hidden, args.seq_len, args.batch, args.orthogonal_map, args.seed, args.timing_budget, args.timing_repeats
@@ -314,17 +340,29 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(f"  cached is {timing['speedup_cached_over_per_step']:.2f}x faster than materialising per step "
           f"(medians of {timing['timing_repeats']} interleaved rounds; outputs agree to {timing['max_abs_diff_between_variants']:.1e})")
     print(f"training the cached model: {args.steps} steps, T {args.seq_len}, hidden {args.hidden}")
-    result = train(args.hidden, args.seq_len, args.batch, args.steps, args.lr, args.orthogonal_map, args.seed)
+    window = 50
+    with progress(args.steps, desc="train", unit="step", log_every=max(1, args.steps // 10)) as bar:
+        recent: list[float] = []
+
+        def on_step(step: int, loss: float) -> None:
+            recent.append(loss)
+            del recent[:-window]
+            bar.update(mse=statistics.fmean(recent))
+
+        result = train(args.hidden, args.seq_len, args.batch, args.steps, args.lr, args.orthogonal_map, args.seed,
+                       log=lambda line: None, on_step=on_step)
     print(f"test mse {result['test_mse']:.4f} vs trivial predictor {result['trivial_mse']:.4f}; "
           f"map ran {result['map_calls']} times in {result['steps']} steps; "
           f"|W^T W - I|max {result['orthogonality_error']:.1e}")
     metrics = {"timing": timing, **{k: v for k, v in result.items() if k != "losses"}, "args": {k: str(v) for k, v in vars(args).items()}}
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    curve = _running_mean(result["losses"], 50)
-    save_line_plot(args.out / "loss.png", {"train mse (mean of 50)": curve, "trivial predictor": [result["trivial_mse"]] * len(curve)},
-                   f"adding problem, T={args.seq_len}", log_y=True)
-    print(f"wrote {args.out / 'metrics.json'} and {args.out / 'loss.png'}")
-    return {**metrics, "losses": result["losses"]}
+    write_atomically(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()), what="cached_rnn")
+    curve = _running_mean(result["losses"], window)
+    save_line_plot(out / "loss.png", {f"train mse (mean of the last {window} steps)": curve,
+                                      "trivial predictor (always 1)": [result["trivial_mse"]] * len(curve)},
+                   title=f"adding problem, T={args.seq_len}, {args.orthogonal_map} map", ylabel="mean squared error",
+                   x=list(range(1, len(curve) + 1)), log_y=True)
+    print(f"wrote metrics.json and loss.png in {out}")
+    return {**metrics, "losses": result["losses"], "run_folder": str(out)}
 
 
 if __name__ == "__main__":

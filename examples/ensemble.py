@@ -12,8 +12,12 @@ ensemble on two interleaved spirals.
 
 Run from the repository root::
 
-    python -m examples.ensemble                      # about a minute on 2 CPU cores
+    python -m examples.ensemble                      # about 15 s on 2 CPU cores
     python -m examples.ensemble --members 4 --steps 20 --timing-budget 1 --timing-repeats 2   # smoke test
+
+Each run writes a new folder ``<--results-dir>/<YYYY-mm-dd_HH-MM-SS>_<N>members/`` (default
+``--results-dir results/ensemble``; a previous run is never overwritten) with ``metrics.json`` and
+``ensemble.png``. Progress (loss, time left) goes to standard error.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -31,7 +36,11 @@ from torch import Tensor, nn
 
 import pfunc as pf
 from benchmarks.timing import measure
-from examples.plotting import save_scatter
+from examples import arguments as A
+from examples.atomic import write_atomically
+from examples.plots import save_map
+from examples.progress import progress
+from examples.run_folder import run_in_new_folder
 from pfunc.parametrizations import SpectralNorm
 from pfunc.spectral import spectral_norm_spec
 
@@ -128,10 +137,12 @@ def train_ensemble(
     lr: float,
     init_seed: int,
     data_seed: int,
+    on_step: Callable[[Tensor], None] = lambda losses: None,
 ) -> tuple[Tree, Tree, Tensor]:
     """``members`` models trained together: one vmapped forward/backward and one Adam step per step.
 
-    Returns the stacked ``(params, state)`` and the losses ``(steps, members)``.
+    Returns the stacked ``(params, state)`` and the losses ``(steps, members)``. ``on_step(losses)``
+    gets each step's ``(members,)`` losses (a progress bar).
     """
     x, y = data
     params, state = init_members(net, init_seed, members)
@@ -146,6 +157,7 @@ def train_ensemble(
         losses.sum().backward()  # member k's slice of the grad is d loss_k / d params_k
         opt.step()
         history.append(losses.detach())
+        on_step(history[-1])
     return params, state, torch.stack(history)
 
 
@@ -266,55 +278,70 @@ def evaluate(net: pf.Parametrized, params: Tree, state: Tree, data: tuple[Tensor
     }
 
 
-def save_decision_map(path: Path, net: pf.Parametrized, params: Tree, state: Tree, data: tuple[Tensor, Tensor], n: int = 48) -> None:
-    """Scatter PNG: an ``n x n`` grid coloured by the ensemble's class, grid points where the
-    members disagree (probability std > 0.05) marked apart, and the training points on top."""
-    axis = torch.linspace(-1.3, 1.3, n)
-    grid = torch.cartesian_prod(axis, axis)
+def save_decision_map(path: Path, net: pf.Parametrized, params: Tree, state: Tree, data: tuple[Tensor, Tensor], n: int = 96) -> None:
+    """The ensemble's mean probability of class 1 over an ``n x n`` grid as colours, the grid
+    points where the members disagree (std of their probabilities > 0.05) hatched, and the
+    training points on top (class 0 white, class 1 black; the legend below the map and the colour
+    bar beside it, off the data)."""
+    lim = 1.3
+    axis = torch.linspace(-lim, lim, n)
+    gy, gx = torch.meshgrid(axis, axis, indexing="ij")  # row i: y = axis[i]; column j: x = axis[j]
+    grid = torch.stack([gx.flatten(), gy.flatten()], dim=-1)
     with torch.no_grad():
         logits, _ = pf.ensemble.call(net, params, state, grid, training=False)
-    probs = torch.sigmoid(logits.squeeze(-1))
-    mean, spread = probs.mean(0), probs.std(0)
+    probs = torch.sigmoid(logits.squeeze(-1))  # (members, n*n)
+    mean, spread = probs.mean(0).reshape(n, n), probs.std(0).reshape(n, n)
     x, y = data
-    save_scatter(
+    save_map(
         path,
-        {
-            "ensemble: class 0": grid[mean <= 0.5],
-            "ensemble: class 1": grid[mean > 0.5],
-            "members disagree": grid[spread > 0.05],
-            "training data, class 0": x[y == 0],
-            "training data, class 1": x[y == 1],
-        },
-        title=f"{probs.shape[0]} members",
-        bounds=(-1.3, 1.3, -1.3, 1.3),
-        marker=3,
+        mean,
+        extent=(-lim, lim, -lim, lim),
+        title=f"{probs.shape[0]} spectrally normalised MLPs, trained in one vmap",
+        colorbar_label="ensemble's mean P(class 1)",
+        vmin=0.0,
+        vmax=1.0,
+        region=spread > 0.05,
+        region_label="members disagree (std > 0.05)",
+        points={"training data, class 0": x[y == 0], "training data, class 1": x[y == 1]},
+        point_colors=["white", "black"],
     )
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--members", type=int, default=16)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--train-size", type=int, default=512)
-    p.add_argument("--noise", type=float, default=0.05)
-    p.add_argument("--check-member", type=int, default=3, help="member re-trained alone to check equality")
-    p.add_argument("--check-steps", type=int, default=50, help="steps of the equality check")
-    p.add_argument("--timing-budget", type=float, default=10.0, help="seconds for the timing comparison")
-    p.add_argument("--timing-repeats", type=int, default=5, help="at least this many timed rounds (medians)")
-    p.add_argument("--seed", type=int, default=0, help="member k is initialised from seed + k")
-    p.add_argument("--data-seed", type=int, default=1000, help="member k's data order comes from data_seed + k")
-    p.add_argument("--out", type=Path, default=Path("results/ensemble"))
+    p = A.ArgumentParser(prog="python -m examples.ensemble", description=__doc__.split("\n")[0])
+    p.add_argument("--members", type=A.positive_int, default=16, help="models in the ensemble")
+    p.add_argument("--hidden", type=A.positive_int, default=64, help="MLP width")
+    p.add_argument("--steps", type=A.positive_int, default=2000, help="training steps of the ensemble")
+    p.add_argument("--batch", type=A.positive_int, default=64, help="points per batch (at most --train-size)")
+    p.add_argument("--lr", type=A.positive_float, default=3e-3, help="Adam's learning rate")
+    p.add_argument("--train-size", type=A.positive_int, default=512, help="training points")
+    p.add_argument("--noise", type=A.non_negative_float, default=0.05, help="std of the noise on the spirals")
+    p.add_argument("--check-member", type=A.non_negative_int, default=3, help="member re-trained alone to check equality")
+    p.add_argument("--check-steps", type=A.positive_int, default=50, help="steps of the equality check")
+    p.add_argument("--timing-budget", type=A.positive_float, default=10.0, help="seconds for the timing comparison")
+    p.add_argument("--timing-repeats", type=A.positive_int, default=5, help="at least this many timed rounds (medians)")
+    p.add_argument("--seed", type=A.seed, default=0, help="member k is initialised from seed + k")
+    p.add_argument("--data-seed", type=A.seed, default=1000, help="member k's data order comes from data_seed + k")
+    p.add_argument("--results-dir", default="results/ensemble",
+                   help="parent of the run folder <YYYY-mm-dd_HH-MM-SS>_<N>members (default results/ensemble)")
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    args = _parser().parse_args(argv)
-    if not 0 <= args.check_member < args.members:
-        raise SystemExit(f"--check-member must be in [0, {args.members}), got {args.check_member}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    """The command line: check equality, time, train, score, write. Returns the metrics (with
+    ``"run_folder"`` and the losses). Bad flags exit with status 2, an unusable results folder
+    with 1, Ctrl-C with 130 (a run folder with nothing in it yet is removed), each with one line."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.check_member >= args.members:
+        parser.error(f"argument --check-member: must be below --members ({args.members}), got {args.check_member}")
+    if args.batch > args.train_size:
+        parser.error(f"argument --batch: must be at most --train-size ({args.train_size}), got {args.batch}")
+    return run_in_new_folder(args.results_dir, f"{args.members}members", lambda out: _run(args, out))
+
+
+def _run(args: argparse.Namespace, out: Path) -> dict:
+    print(f"run folder: {out}")
     g = torch.Generator().manual_seed(12345)
     train_data = spirals(args.train_size, args.noise, g)
     test_data = spirals(4096, args.noise, g)
@@ -329,6 +356,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(f"member {k} after {n} steps, vmapped vs alone: max|params diff| {diff_params:.2e}, max|state diff| {diff_state:.2e}")
 
     # 2. speed: one vmapped step vs a loop of N torch spectral_norm modules
+    print(f"timing one training step both ways (~{args.timing_budget:g} s)...", file=sys.stderr)
     speed = compare_speed(
         net, train_data, args.members, args.batch, args.lr, args.seed, args.timing_budget, args.timing_repeats
     )
@@ -338,7 +366,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     # 3. train the ensemble
     t0 = time.perf_counter()
-    params, state, losses = train_ensemble(net, train_data, args.members, args.steps, args.batch, args.lr, args.seed, args.data_seed)
+    with progress(args.steps, desc=f"ensemble of {args.members}", unit="step", log_every=max(1, args.steps // 10)) as bar:
+        params, state, losses = train_ensemble(net, train_data, args.members, args.steps, args.batch, args.lr, args.seed,
+                                               args.data_seed, on_step=lambda step_losses: bar.update(loss=float(step_losses.mean())))
     seconds = time.perf_counter() - t0
     scores = evaluate(net, params, state, test_data, far_points(4096, g))
     print(f"trained {args.members} members x {args.steps} steps in {seconds:.1f}s; test accuracy: members "
@@ -352,10 +382,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "train_seconds": seconds,
         "args": {key: str(v) for key, v in vars(args).items()},
     }
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    save_decision_map(args.out / "ensemble.png", net, params, state, train_data)
-    print(f"wrote {args.out / 'metrics.json'} and {args.out / 'ensemble.png'}")
-    return {**metrics, "losses": losses}
+    write_atomically(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()), what="ensemble")
+    save_decision_map(out / "ensemble.png", net, params, state, train_data)
+    print(f"wrote metrics.json and ensemble.png in {out}")
+    return {**metrics, "losses": losses, "run_folder": str(out)}
 
 
 if __name__ == "__main__":

@@ -131,7 +131,7 @@ def save_map(
     point_colors: Optional[Sequence[str]] = None,
     xlabel: str = "x",
     ylabel: str = "y",
-    size: tuple[int, int] = (900, 700),
+    size: tuple[int, int] = (800, 760),
 ) -> None:
     """A field over a rectangle: ``values`` (``[ny, nx]``, row ``i`` at the ``i``-th y from the
     bottom, column ``j`` at the ``j``-th x from the left) as colours with a colour bar.
@@ -139,7 +139,8 @@ def save_map(
     ``extent = (xmin, xmax, ymin, ymax)`` is the rectangle the grid spans. ``region``, a boolean
     ``[ny, nx]`` mask, is hatched and outlined (with ``region_label`` in the legend), and
     ``points`` (``{name: [N, 2]}``) are drawn on top, each set in its own colour (``point_colors``,
-    matplotlib colour names, one per set; by default colours that stand out on ``RdBu_r``) with an edge.
+    matplotlib colour names, one per set; by default colours that stand out on ``RdBu_r``) with a black
+    edge. The legend goes below the map, the colour bar beside it.
     NaN values are left blank. Raises ``ValueError`` for mismatched shapes or a bad extent.
     """
     fmt = _format_of(path, "save_map")
@@ -173,12 +174,12 @@ def save_map(
         ax.contour(gx, gy, mask, levels=[0.5], colors="black", linewidths=1.0)
         handles.append(Patch(facecolor="none", edgecolor="black", hatch="....", label=_text(region_label or "region")))
     for k, (name, p) in enumerate(sets.items()):
-        handles.append(ax.scatter(p[:, 0], p[:, 1], s=12, color=colors[k], edgecolors="white",
+        handles.append(ax.scatter(p[:, 0], p[:, 1], s=14, color=colors[k], edgecolors="black",
                                   linewidths=0.6, label=_text(name)))
     ax.set_xlim(xmin, xmax)
     ax.set_ylim(ymin, ymax)
     ax.set_aspect("equal", adjustable="box")
-    _finish(fig, ax, title=title, xlabel=xlabel, ylabel=ylabel, handles=handles)
+    _finish(fig, ax, title=title, xlabel=xlabel, ylabel=ylabel, handles=handles, below=True, markerscale=1.5)
     _save(fig, path, fmt, "save_map")
 
 
@@ -192,7 +193,8 @@ def _figure(size: tuple[int, int]) -> tuple[Figure, "matplotlib.axes.Axes"]:
     return fig, fig.add_subplot()
 
 
-def _finish(fig: Figure, ax, *, title: str, xlabel: str, ylabel: str, handles=None, markerscale: float = 1.0) -> None:
+def _finish(fig: Figure, ax, *, title: str, xlabel: str, ylabel: str, handles=None, markerscale: float = 1.0,
+            below: bool = False) -> None:
     for name, text in (("title", title), ("xlabel", xlabel), ("ylabel", ylabel)):
         if not isinstance(text, str):
             raise ValueError(f"{name} must be a string, got {text!r}")
@@ -203,8 +205,9 @@ def _finish(fig: Figure, ax, *, title: str, xlabel: str, ylabel: str, handles=No
     ax.set_axisbelow(True)
     if handles is None:
         handles, _ = ax.get_legend_handles_labels()
-    if handles:  # outside the axes, on the right: it never covers data
-        fig.legend(handles=handles, loc="outside right upper", frameon=False, markerscale=markerscale)
+    if handles:  # outside the axes, on the right (or below): it never covers data
+        fig.legend(handles=handles, loc="outside lower center" if below else "outside right upper", frameon=False,
+                   markerscale=markerscale, ncols=min(len(handles), 3) if below else 1)
 
 
 def _save(fig: Figure, path: PathLike, fmt: str, what: str) -> None:

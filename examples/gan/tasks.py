@@ -2,7 +2,7 @@
 
 * :func:`mixture_task`: a 2-D mixture of Gaussians (``ring8``, ``grid25``), labelled by
   mode; MLP networks; scored by mode coverage and the fraction of high-quality
-  samples (:mod:`.metrics`); samples plotted as a scatter.
+  samples (:mod:`.metrics`); samples plotted as a scatter (matplotlib).
 * :func:`shapes_task`: the procedurally drawn shapes of the diffusion example
   (:func:`examples.diffusion.data.draw_shapes`, five labelled classes); conv networks;
   scored by the diffusion example's shape judge (Fréchet classifier distance with
@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from examples.diffusion.data import SHAPES, draw_shapes
 from examples.diffusion.quality import evaluate_shapes, train_judge
-from examples.plotting import save_image_grid, save_scatter
+from examples.images import save_image_grid
+from examples.plots import save_scatter
 
 from .data import mixture
 from .metrics import mode_coverage
@@ -74,7 +75,7 @@ def mixture_task(name: str, *, conditional: bool, z_dim: int, hidden: int, min_c
 
     def save(path, x, y, title):
         real, _ = mog.sample(x.shape[0], torch.Generator().manual_seed(seed))
-        save_scatter(path, {"data": real, "generated": x.cpu()}, title=title)
+        save_scatter(path, {"data": real, "generated": x.cpu()}, title=title, marker_size=3)
 
     return Task(name, MLPGenerator(z_dim, hidden, classes), MLPDiscriminator(hidden, classes), z_dim, classes,
                 draw_real, score, score, describe, save)

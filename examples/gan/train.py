@@ -10,20 +10,23 @@ values are read with :func:`pfunc.spectral.singular_values` and plotted.
 
 Run from the repository root::
 
-    python -m examples.gan.train --data ring8                  # 8 modes on a circle, a minute or two on 2 CPU cores
-    python -m examples.gan.train --data grid25                 # 25 modes on a grid, a few minutes
+    python -m examples.gan.train --data ring8                  # 8 modes on a circle, ~20 s on 2 CPU cores
+    python -m examples.gan.train --data grid25                 # 25 modes on a grid, ~20 s
     python -m examples.gan.train --data shapes --threads 1     # the diffusion example's shapes, 16x16, ~3 minutes
     python -m examples.gan.train --data ring8 --unconditional  # no labels, no projection
     python -m examples.gan.train --data ring8 --steps 50       # smoke test
 
-Outputs in ``--out`` (default ``results/gan_<data>``): ``metrics.json``,
+Each run writes a new folder ``<--results-dir>/<YYYY-mm-dd_HH-MM-SS>_<data>/`` (default
+``--results-dir results/gan``; a previous run is never overwritten): ``metrics.json``,
 ``samples.png``, ``singular_values.png`` (and ``spectrum.png`` when ``--num-svs > 1``).
+Progress (losses, time left) goes to standard error.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +37,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import pfunc as pf
+from examples import arguments as A
+from examples.atomic import write_atomically
 from examples.gan.tasks import Task, mixture_task, shapes_task
-from examples.plotting import save_line_plot
+from examples.plots import save_line_plot
+from examples.progress import progress
+from examples.run_folder import run_in_new_folder
 from pfunc.parametrizations import SpectralNorm
 from pfunc.spectral import singular_values, spectral_norm_spec
 
@@ -170,9 +177,11 @@ def train(
     device: torch.device,
     log_every: int = 100,
     on_log: Callable[[int, dict], None] = lambda step, row: None,
+    on_step: Callable[[int, float, float], None] = lambda step, d_loss, g_loss: None,
 ) -> dict:
     """``steps`` G updates, each after ``d_steps`` D updates; every ``log_every`` steps the
-    losses and both networks' logged singular values are recorded (and passed to ``on_log``)."""
+    losses and both networks' logged singular values are recorded (and passed to ``on_log``).
+    ``on_step(step, d_loss, g_loss)`` is called after every step (a progress bar)."""
     g = torch.Generator().manual_seed(seed)
     history: dict = {"step": [], "d_loss": [], "g_loss": [], "singular_values": {}}
     d_loss = g_loss = float("nan")
@@ -183,6 +192,7 @@ def train(
             d_loss = discriminator_step(gan, real.to(device), None if y_real is None else y_real.to(device), z, y_fake)
         z, y = _latents(gan, batch, g, device)
         g_loss = generator_step(gan, z, y)
+        on_step(step, d_loss, g_loss)
         if step % log_every == 0 or step == steps:
             history["step"].append(step)
             history["d_loss"].append(d_loss)
@@ -198,20 +208,15 @@ def _plot_singular_values(out: Path, history: dict, num_svs: int, spectrum_of: s
     svs = history["singular_values"]
     written = []
     top = {name: [row[0] for row in rows] for name, rows in svs.items()}
-    save_line_plot(out / "singular_values.png", top, "largest singular value per layer (logged sv[0])", log_y=True,
-                   x_label=f"log point (every {_every(history)} steps)")
+    save_line_plot(out / "singular_values.png", top, title="largest singular value per layer (logged sv[0])",
+                   xlabel="generator step", ylabel="sv[0]", log_y=True, x=history["step"])
     written.append("singular_values.png")
     if num_svs > 1:
-        spectrum = {f"sv{i}": [row[i] for row in svs[spectrum_of]] for i in range(num_svs)}
-        save_line_plot(out / "spectrum.png", spectrum, f"top {num_svs} singular values of {spectrum_of}",
-                       x_label=f"log point (every {_every(history)} steps)")
+        spectrum = {f"sv[{i}]": [row[i] for row in svs[spectrum_of]] for i in range(num_svs)}
+        save_line_plot(out / "spectrum.png", spectrum, title=f"top {num_svs} logged singular values of {spectrum_of}",
+                       xlabel="generator step", ylabel="singular value", x=history["step"])
         written.append("spectrum.png")
     return written
-
-
-def _every(history: dict) -> int:
-    steps = history["step"]
-    return steps[1] - steps[0] if len(steps) > 1 else steps[0]
 
 
 DEFAULTS = {
@@ -223,38 +228,42 @@ DEFAULTS = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = A.ArgumentParser(prog="python -m examples.gan.train", description=__doc__.split("\n")[0])
     p.add_argument("--data", choices=tuple(DEFAULTS), default="ring8",
                    help="2-D mixture of Gaussians (ring8, grid25) or the diffusion example's shapes")
-    p.add_argument("--steps", type=int, default=None, help="generator updates (default per data set)")
-    p.add_argument("--d-steps", type=int, default=None, help="discriminator updates per generator update")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--lr-g", type=float, default=None)
-    p.add_argument("--lr-d", type=float, default=None)
-    p.add_argument("--beta1", type=float, default=0.0)
-    p.add_argument("--beta2", type=float, default=0.999)
+    p.add_argument("--steps", type=A.positive_int, default=None, help="generator updates (default per data set)")
+    p.add_argument("--d-steps", type=A.positive_int, default=None, help="discriminator updates per generator update")
+    p.add_argument("--batch", type=A.positive_int, default=None, help="images or points per batch (default per data set)")
+    p.add_argument("--lr-g", type=A.positive_float, default=None, help="generator learning rate (default 2e-4)")
+    p.add_argument("--lr-d", type=A.positive_float, default=None, help="discriminator learning rate (default 2e-4)")
+    p.add_argument("--beta1", type=A.unit_interval, default=0.0, help="Adam's beta1 (BigGAN: 0)")
+    p.add_argument("--beta2", type=A.unit_interval, default=0.999, help="Adam's beta2")
     p.add_argument("--unconditional", action="store_true", help="no labels: no class embedding in G, no projection in D")
-    p.add_argument("--num-svs", type=int, default=2, help="BigGAN SN: singular values tracked per layer")
-    p.add_argument("--num-itrs", type=int, default=1, help="BigGAN SN: power iterations per forward")
-    p.add_argument("--sn-eps", type=float, default=1e-8, help="BigGAN SN: eps of the normalisations")
+    p.add_argument("--num-svs", type=A.positive_int, default=2, help="BigGAN SN: singular values tracked per layer")
+    p.add_argument("--num-itrs", type=A.positive_int, default=1, help="BigGAN SN: power iterations per forward")
+    p.add_argument("--sn-eps", type=A.positive_float, default=1e-8, help="BigGAN SN: eps of the normalisations")
     p.add_argument("--sn-generator", action=argparse.BooleanOptionalAction, default=None,
                    help="spectral norm on G too (default: on for shapes, off for the 2-D mixtures, where a "
                         "1-Lipschitz G cannot put modes of different classes far enough apart)")
-    p.add_argument("--z-dim", type=int, default=None, help="latent size (default 8 for 2-D, 64 for shapes)")
-    p.add_argument("--hidden", type=int, default=128, help="2-D: MLP width")
-    p.add_argument("--width", type=int, default=64, help="shapes: conv channels")
-    p.add_argument("--image-size", type=int, default=16, help="shapes: side in pixels (4 * 2**k)")
+    p.add_argument("--z-dim", type=A.positive_int, default=None, help="latent size (default 8 for 2-D, 64 for shapes)")
+    p.add_argument("--hidden", type=A.positive_int, default=128, help="2-D: MLP width")
+    p.add_argument("--width", type=A.positive_int, default=64, help="shapes: conv channels")
+    p.add_argument("--image-size", type=A.positive_int, default=16, help="shapes: side in pixels (4 * 2**k, at least 8)")
     p.add_argument("--channels", type=int, default=1, choices=(1, 3), help="shapes: grayscale or RGB")
-    p.add_argument("--train-size", type=int, default=8192, help="shapes: images drawn once for training")
-    p.add_argument("--judge-steps", type=int, default=300, help="shapes: training steps of the scoring classifier")
-    p.add_argument("--eval-samples", type=int, default=None, help="samples scored at the end (2500 for 2-D, 1000 for shapes)")
-    p.add_argument("--min-count", type=int, default=20, help="2-D: high-quality samples a mode needs to count as hit")
-    p.add_argument("--log-every", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--train-size", type=A.positive_int, default=8192, help="shapes: images drawn once for training")
+    p.add_argument("--judge-steps", type=A.positive_int, default=300, help="shapes: training steps of the scoring classifier")
+    p.add_argument("--eval-samples", type=A.positive_int, default=None,
+                   help="samples scored at the end (2500 for 2-D, 1000 for shapes)")
+    p.add_argument("--min-count", type=A.positive_int, default=20, help="2-D: high-quality samples a mode needs to count as hit")
+    p.add_argument("--log-every", type=A.positive_int, default=None,
+                   help="steps between scored log points (default per data set; also the progress lines in a log)")
+    p.add_argument("--seed", type=A.seed, default=0, help="seed of the initialisation, the data and the latents")
+    p.add_argument("--device", type=A.device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1... (default: cuda when there is one)")
+    p.add_argument("--threads", type=A.positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 avoids oversubscription on a busy machine)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default results/gan_<data>)")
+    p.add_argument("--results-dir", default="results/gan",
+                   help="parent of the run folder <YYYY-mm-dd_HH-MM-SS>_<data> (default results/gan)")
     return p
 
 
@@ -266,8 +275,11 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
                         ("eval_samples", 1000 if image else 2500), ("sn_generator", image)):
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.steps < 1 or args.batch < 1 or args.d_steps < 1 or args.log_every < 1:
-        raise SystemExit("--steps, --batch, --d-steps and --log-every must be positive")
+    size = args.image_size
+    if image and (size < 8 or size % 4 or (size // 4) & (size // 4 - 1)):
+        _parser().error(f"argument --image-size: must be 4 * 2**k and at least 8 (8, 16, 32...), got {size}")
+    if image and args.eval_samples < 2:
+        _parser().error(f"argument --eval-samples: the Fréchet distance needs at least 2 samples, got {args.eval_samples}")
     return args
 
 
@@ -282,12 +294,19 @@ def make_task(args: argparse.Namespace, device: torch.device) -> Task:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
+    """The command line: parse, make the run folder, train, score, write. Returns the metrics
+    (with ``"run_folder"``). Bad flags exit with status 2, an unusable results folder with 1,
+    Ctrl-C with 130 (a run folder with nothing in it yet is removed), each with one line."""
     args = _resolve(_parser().parse_args(argv))
+    return run_in_new_folder(args.results_dir, args.data, lambda out: _run(args, out))
+
+
+def _run(args: argparse.Namespace, out: Path) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    out = args.out or Path("results") / f"gan_{args.data}"
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
+    device = args.device
+    if args.data == "shapes":
+        print(f"training the scoring classifier ({args.judge_steps} steps)...", file=sys.stderr)
     task = make_task(args, device)
     gan = build(
         task.generator, task.discriminator, z_dim=task.z_dim, num_classes=task.num_classes,
@@ -297,10 +316,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(f"{args.data}: {'conditional, ' + str(task.num_classes) + ' classes' if task.num_classes else 'unconditional'}; "
           f"SpectralNorm.biggan(num_svs={args.num_svs}, num_itrs={args.num_itrs}, eps={args.sn_eps}) on "
           f"D: {list(gan.D.chains)}" + (f"; G: {list(gan.G.chains)}" if gan.G.chains else "; G: none"))
+    print(f"run folder: {out}")
     eval_gen = torch.Generator().manual_seed(args.seed + 1)
     quick_n = min(args.eval_samples, 500) if args.data == "shapes" else args.eval_samples  # 2-D: same count as the end
     curve: dict[str, list] = {"step": [], "score": []}
     t0 = time.perf_counter()
+    bar = progress(args.steps, desc=f"gan {args.data}", unit="step", log_every=args.log_every)
+
+    def on_step(step, d_loss, g_loss):
+        bar.update(d_loss=d_loss, g_loss=g_loss)
 
     def on_log(step, row):
         x, y = sample(gan, quick_n, eval_gen, device)
@@ -308,12 +332,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
         curve["step"].append(step)
         curve["score"].append(scores)
         d_sv = {k[2:]: round(v[0], 3) for k, v in row["singular_values"].items() if k.startswith("D ")}
-        print(f"step {step:5d}  d_loss {row['d_loss']:.3f}  g_loss {row['g_loss']:+.3f}  {task.describe(scores)}  "
-              f"D sv[0] {d_sv}  ({time.perf_counter() - t0:.0f}s)")
+        bar.write(f"step {step:5d}  d_loss {row['d_loss']:.3f}  g_loss {row['g_loss']:+.3f}  {task.describe(scores)}  "
+                  f"D sv[0] {d_sv}  ({time.perf_counter() - t0:.0f}s)")
 
-    history = train(gan, task.draw_real, steps=args.steps, batch=args.batch, d_steps=args.d_steps, seed=args.seed,
-                    device=device, log_every=args.log_every, on_log=on_log)
+    with bar:
+        history = train(gan, task.draw_real, steps=args.steps, batch=args.batch, d_steps=args.d_steps, seed=args.seed,
+                        device=device, log_every=args.log_every, on_log=on_log, on_step=on_step)
     seconds = time.perf_counter() - t0
+    print(f"scoring {args.eval_samples} samples...", file=sys.stderr)
     x, y = sample(gan, args.eval_samples, eval_gen, device)
     final = task.final_score(x, y)
     print(f"final ({args.eval_samples} samples, {seconds:.0f}s of training): {task.describe(final)}")
@@ -331,9 +357,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "train_seconds": seconds,
         "args": {k: str(v) for k, v in vars(args).items()},
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"wrote {out / 'metrics.json'}, " + ", ".join(str(out / w) for w in written))
-    return metrics
+    write_atomically(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()), what="gan")
+    written.append("metrics.json")
+    print(f"wrote {', '.join(written)} in {out}")
+    return {**metrics, "run_folder": str(out)}
 
 
 if __name__ == "__main__":

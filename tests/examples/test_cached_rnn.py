@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from examples import cached_rnn
 from examples.cached_rnn import adding_problem, build, forward_cached, forward_per_step
@@ -57,12 +59,15 @@ def test_short_training_beats_the_trivial_predictor_with_one_map_call_per_step()
     assert result["orthogonality_error"] < 1e-4
 
 
-def test_cli_tiny_config_writes_metrics_with_call_counts(tmp_path):
-    out = cached_rnn.main([
-        "--steps", "5", "--seq-len", "6", "--hidden", "8", "--timing-hidden", "8", "--batch", "4",
-        "--timing-budget", "0.2", "--timing-repeats", "2", "--out", str(tmp_path),
-    ])
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+TINY = ["--steps", "5", "--seq-len", "6", "--hidden", "8", "--timing-hidden", "8", "--batch", "4",
+        "--timing-budget", "0.2", "--timing-repeats", "2"]
+
+
+def test_cli_tiny_config_writes_metrics_with_call_counts_in_a_new_run_folder(tmp_path, capsys):
+    out = cached_rnn.main([*TINY, "--results-dir", str(tmp_path)])
+    run = Path(out["run_folder"])
+    assert run.parent == tmp_path and run.name.endswith("_cayley")
+    metrics = json.loads((run / "metrics.json").read_text())
     timing = metrics["timing"]
     assert timing["pfunc_cached"]["map_calls_per_sequence"] == 1
     assert timing["torch_cached"]["map_calls_per_sequence"] == 1
@@ -71,3 +76,30 @@ def test_cli_tiny_config_writes_metrics_with_call_counts(tmp_path):
     assert timing["max_abs_diff_between_variants"] < 1e-6
     assert timing["speedup_cached_over_per_step"] > 0
     assert len(out["losses"]) == 5
+    with Image.open(run / "loss.png") as im:
+        im.verify()
+        assert im.size == (900, 500)
+    err = capsys.readouterr().err
+    assert "train: 100% 5/5" in err and "mse=" in err
+    second = Path(cached_rnn.main([*TINY, "--map", "matrix_exp", "--results-dir", str(tmp_path)])["run_folder"])
+    assert second.name.endswith("_matrix_exp") and len(list(tmp_path.iterdir())) == 2
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--seq-len", "1"], "argument --seq-len: the adding problem needs at least 2 steps, got 1"),
+        (["--steps", "-3"], "argument --steps: must be at least 1, got -3"),
+        (["--lr", "inf"], "argument --lr: 'inf' is not a finite number"),
+        (["--timing-budget", "nan"], "argument --timing-budget: 'nan' is not a finite number"),
+        (["--map", "qr"], "argument --map: invalid choice: 'qr'"),
+    ],
+)
+def test_cli_bad_flags_are_a_two_line_error_before_any_folder_exists(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_:
+        cached_rnn.main([*flags, "--results-dir", str(tmp_path / "runs")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith(f"python -m examples.cached_rnn: error: {message}"), err
+    assert err[1] == "(see python -m examples.cached_rnn --help)"
+    assert not (tmp_path / "runs").exists()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import pfunc as pf
 from examples import ensemble
@@ -44,18 +46,43 @@ def test_member_k_of_the_vmapped_run_equals_a_solo_run_spectral_state_included(m
     assert max_abs_diff(other, p_solo) > 1e-2
 
 
-def test_cli_tiny_config_reports_equality_speed_and_accuracy(tmp_path):
-    out = ensemble.main([
-        "--members", "3", "--hidden", "8", "--steps", "30", "--check-member", "2", "--check-steps", "5",
-        "--train-size", "128", "--batch", "16", "--timing-budget", "0.2", "--timing-repeats", "2", "--out", str(tmp_path),
-    ])
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+TINY = ["--members", "3", "--hidden", "8", "--steps", "30", "--check-member", "2", "--check-steps", "5",
+        "--train-size", "128", "--batch", "16", "--timing-budget", "0.2", "--timing-repeats", "2"]
+
+
+def test_cli_tiny_config_reports_equality_speed_and_accuracy_in_a_new_run_folder(tmp_path, capsys):
+    out = ensemble.main([*TINY, "--results-dir", str(tmp_path)])
+    run = Path(out["run_folder"])
+    assert run.parent == tmp_path and run.name.endswith("_3members")
+    metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["equality"]["max_abs_diff_params"] < 1e-5
     assert metrics["speed"]["speedup"] > 0
     assert 0.0 <= metrics["accuracy"]["ensemble_accuracy"] <= 1.0
     assert out["losses"].shape == (30, 3)
+    with Image.open(run / "ensemble.png") as im:
+        im.verify()
+        assert im.size == (800, 760)
+    err = capsys.readouterr().err
+    assert "ensemble of 3: 100% 30/30" in err and "loss=" in err
+    second = Path(ensemble.main([*TINY, "--results-dir", str(tmp_path)])["run_folder"])
+    assert second != run and len(list(tmp_path.iterdir())) == 2
 
 
-def test_cli_rejects_a_check_member_outside_the_ensemble(tmp_path):
-    with pytest.raises(SystemExit, match="--check-member"):
-        ensemble.main(["--members", "2", "--check-member", "2", "--out", str(tmp_path)])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--members", "2", "--check-member", "2"], "argument --check-member: must be below --members (2), got 2"),
+        (["--batch", "600"], "argument --batch: must be at most --train-size (512), got 600"),
+        (["--lr", "nan"], "argument --lr: 'nan' is not a finite number"),
+        (["--lr", "0"], "argument --lr: must be greater than 0, got 0"),
+        (["--members", "0"], "argument --members: must be at least 1, got 0"),
+        (["--noise=-inf"], "argument --noise: '-inf' is not a finite number"),
+    ],
+)
+def test_cli_bad_flags_are_a_two_line_error_before_any_folder_exists(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_:
+        ensemble.main([*flags, "--results-dir", str(tmp_path / "runs")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"python -m examples.ensemble: error: {message}", "(see python -m examples.ensemble --help)"]
+    assert not (tmp_path / "runs").exists()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from examples.gan import train as gan_train
@@ -13,7 +16,11 @@ from examples.gan.data import grid, mixture, ring
 from examples.gan.metrics import mode_coverage
 from pfunc.spectral import singular_values
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+def _png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        im.verify()
+        return im.size
 
 
 # ---------------------------------------------------------------------------------- the 2-D score
@@ -92,31 +99,73 @@ def test_training_logs_the_singular_values_that_spectral_norm_keeps_in_state(tmp
 
 
 # ---------------------------------------------------------------------------------- end to end
-def test_ring8_short_run_covers_the_modes_and_writes_pngs(tmp_path):
+def test_ring8_short_run_covers_the_modes_and_writes_pngs_in_its_own_run_folder(tmp_path, capsys):
     metrics = gan_train.main(["--data", "ring8", "--steps", "500", "--batch", "128", "--log-every", "250",
-                              "--eval-samples", "1000", "--min-count", "10", "--out", str(tmp_path)])
+                              "--eval-samples", "1000", "--min-count", "10", "--results-dir", str(tmp_path)])
     final = metrics["final"]
     assert final["modes_hit"] >= 6, final
     assert final["high_quality"] > 0.05, final  # untrained: about 0
     assert final["on_label"] is not None and final["on_label"] > 0.05
-    saved = json.loads((tmp_path / "metrics.json").read_text())
+    run = Path(metrics["run_folder"])
+    assert run.parent == tmp_path and run.name.endswith("_ring8")
+    saved = json.loads((run / "metrics.json").read_text())
     assert saved["final"]["modes_hit"] == final["modes_hit"]
-    for png in ("samples.png", "singular_values.png", "spectrum.png"):
-        assert (tmp_path / png).read_bytes()[:8] == PNG_SIGNATURE
+    assert _png_size(run / "samples.png") == (800, 640)
+    assert _png_size(run / "singular_values.png") == (900, 500)
+    assert _png_size(run / "spectrum.png") == (900, 500)
+    err = capsys.readouterr().err
+    assert "gan ring8: 100% 500/500" in err and "d_loss=" in err  # the progress lines, with time left
+    assert "<00:00" in err
 
 
 def test_shapes_tiny_config_puts_spectral_norm_on_conv_linear_and_embedding_and_scores_with_the_judge(tmp_path):
     metrics = gan_train.main(["--data", "shapes", "--steps", "3", "--batch", "8", "--log-every", "3",
                               "--image-size", "8", "--width", "8", "--z-dim", "8", "--train-size", "64",
-                              "--judge-steps", "2", "--eval-samples", "16", "--out", str(tmp_path)])
+                              "--judge-steps", "2", "--eval-samples", "16", "--results-dir", str(tmp_path)])
     final = metrics["final"]
     assert {"fcd", "fcd_real_data", "fcd_noise", "recognised", "recognised_real_data", "on_label"} <= set(final)
     layers = {name.split(" ", 1)[1] for name in metrics["singular_values"] if name.startswith("D ")}
     assert layers == {"body.0.weight", "body.2.weight", "head.weight", "embed.weight"}
     assert any(name.startswith("G ") for name in metrics["singular_values"])  # on by default for images
-    assert (tmp_path / "samples.png").read_bytes()[:8] == PNG_SIGNATURE
+    # one row of 8 per class, 8x8 images scaled 3x, 2 pixels of padding
+    assert _png_size(Path(metrics["run_folder"]) / "samples.png") == (8 * 26 + 2, 5 * 26 + 2)
 
 
-def test_cli_rejects_bad_sizes(tmp_path):
-    with pytest.raises(SystemExit):
-        gan_train.main(["--steps", "0", "--out", str(tmp_path)])
+def test_two_runs_write_two_folders_and_never_overwrite(tmp_path):
+    tiny = ["--data", "ring8", "--steps", "2", "--batch", "8", "--log-every", "1", "--eval-samples", "16",
+            "--results-dir", str(tmp_path)]
+    first = Path(gan_train.main(tiny)["run_folder"])
+    written = {p.name: p.read_bytes() for p in first.iterdir()}
+    second = Path(gan_train.main(tiny)["run_folder"])
+    assert first != second and sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, second.name])
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == written
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+        (["--lr-g", "nan"], "argument --lr-g: 'nan' is not a finite number"),
+        (["--lr-d", "inf"], "argument --lr-d: 'inf' is not a finite number"),
+        (["--beta1", "1"], r"argument --beta1: must be in \[0, 1\)"),
+        (["--seed", "-1"], r"argument --seed: must be in \[0, 2\*\*62\)"),
+        (["--seed", str(2**63)], r"argument --seed: must be in \[0, 2\*\*62\)"),
+        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "argument --device"),
+        (["--data", "shapes", "--image-size", "12"], "argument --image-size: must be 4 \\* 2\\*\\*k"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_bad_flags_are_a_two_line_error_before_any_folder_exists(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_:
+        gan_train.main([*flags, "--results-dir", str(tmp_path / "runs")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[1] == "(see python -m examples.gan.train --help)"
+    assert re.search(message, err[0]), err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_results_dir_that_is_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"^error: --results-dir: the results folder .*file is a file, not a folder$"):
+        gan_train.main(["--steps", "1", "--results-dir", str(tmp_path / "file")])

@@ -145,7 +145,7 @@ def test_map_colours_the_field_hatches_the_region_and_keeps_the_legend_off_the_d
              points={"class 0": torch.tensor([[-0.5, 0.0]]), "class 1": torch.tensor([[0.5, 0.0]])},
              point_colors=["black", "yellow"])
     px = _pixels(tmp_path / "m.png")
-    assert px.shape == (700, 900, 3)
+    assert px.shape == (760, 800, 3)
     fig = figures[0]
     ax = fig.axes[0]
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
