@@ -17,18 +17,25 @@ Any of them may define ``for_tensor(owner, name, value) -> parametrization`` to
 resolve defaults that depend on the layer it is put on (e.g. spectral norm's
 ``dim`` for transposed convolutions).
 
+A torch-style module runs privately (:mod:`pfunc.execution`), in the mode the call's
+``training`` flag gives it; where pfunc calls a plain or torch-style parametrization with an
+explicit generator (``right_inverse`` at ``init``/``register``/``assign``), the global RNG it may
+draw from is seeded from that generator for the call, so initialisation is reproducible.
+
 A :class:`Chain` is a tuple of :class:`Step`: forward runs first to last,
 ``right_inverse`` last to first, exactly as ``ParametrizationList``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.stateless import _reparametrize_module
+
+from .execution import ShadowPool
 
 __all__ = ["Step", "Chain", "as_step", "Originals", "StepTensors"]
 
@@ -40,15 +47,38 @@ def _name_of(fn: Any) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
+@contextlib.contextmanager
+def seeded_global_rng(generator: Optional[torch.Generator], like: Optional[Tensor] = None) -> Iterator[None]:
+    """Within the block, the global RNG (CPU, and ``like``'s CUDA device) is seeded from one draw of
+    ``generator`` and restored afterwards; ``None``: the global RNG as it is."""
+    if generator is None:
+        yield
+        return
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    devices = [like.device.index or 0] if like is not None and like.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 @dataclass(frozen=True)
 class Step:
     """One parametrization in a chain, wrapped behind a uniform pure interface.
 
-    ``kind`` is ``"plain"``, ``"module"`` (torch-style ``nn.Module``) or ``"stateful"``.
+    ``kind`` is ``"plain"``, ``"module"`` (torch-style ``nn.Module``, run on private shadows)
+    or ``"stateful"``.
     """
 
     fn: Any
     kind: str
+    pool: Optional[ShadowPool] = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind == "module" and self.pool is None:
+            object.__setattr__(self, "pool", ShadowPool(self.fn))
+
+    def __reduce__(self):
+        return (Step, (self.fn, self.kind))
 
     @property
     def name(self) -> str:
@@ -81,15 +111,10 @@ class Step:
                 raise TypeError(f"stateful parametrization {self.name} takes one tensor, got {len(inputs)}")
             return self.fn.forward(inputs[0], state, training=training)
         if self.kind == "module":
-            if not (params or state):
-                return self.fn(*inputs), state
-            if state and (training or self.fn.training):
-                # A torch-style module in train mode may update its buffers (in place or by
-                # assignment): it works on copies. In training what it holds afterwards is the
-                # new state; in eval the updates are dropped, so eval never changes state.
-                y, new_state = self._call_capturing(self.fn, inputs, params, state)
-                return y, (new_state if training else state)
-            return torch.func.functional_call(self.fn, {**params, **state}, tuple(inputs)), state
+            # On a private shadow in mode `training`; the buffers it changes (in place or by
+            # assignment) are the new state in training, and dropped in eval.
+            y, changed = self.pool.run({**params, **state}, tuple(inputs), training=training, capture=training)
+            return y, ({**state, **changed} if changed else state)
         fwd = getattr(self.fn, "forward", None)
         return (fwd if callable(fwd) else self.fn)(*inputs), state
 
@@ -103,18 +128,11 @@ class Step:
         if self.kind == "stateful":
             X, new_state = inv(Y, state, generator=generator)
             return X, dict(new_state)
-        if self.kind == "module" and (params or state):
-            return self._call_capturing(inv, (Y,), params, state)
-        return inv(Y), state
-
-    def _call_capturing(
-        self, fn: Callable[..., Any], inputs: Sequence[Tensor], params: StepTensors, state: StepTensors
-    ) -> tuple[Any, StepTensors]:
-        state = {k: v.clone() for k, v in state.items()}
-        with _reparametrize_module(self.fn, {**params, **state}):
-            out = fn(*inputs)
-            buffers = dict(self.fn.named_buffers())
-        return out, {k: buffers[k] for k in state}
+        with seeded_global_rng(generator, Y):
+            if self.kind == "module":
+                X, changed = self.pool.run({**params, **state}, (Y,), method="right_inverse")
+                return X, ({**state, **changed} if changed else state)
+            return inv(Y), state
 
 
 def _fresh(t: Tensor) -> Tensor:
@@ -131,9 +149,7 @@ def as_step(fn: Any) -> Step:
         return Step(fn, "module")
     if callable(fn) or callable(getattr(fn, "forward", None)):
         return Step(fn, "plain")
-    raise TypeError(
-        f"a parametrization must be callable or define forward(X); got {type(fn).__name__}"
-    )
+    raise TypeError(f"a parametrization must be callable or define forward(X); got {type(fn).__name__}")
 
 
 @dataclass(frozen=True)

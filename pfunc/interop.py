@@ -112,7 +112,7 @@ def from_torch(module: nn.Module) -> tuple[Parametrized, dict[str, Tensor], dict
         chains[name] = Chain(tuple(steps), n_originals, is_buffer, (bool(plist.unsafe),) * len(steps))
         layout[name] = (tuple(pnames), tuple(snames))
     plain = _unparametrized_copy(module)
-    net = Parametrized(plain, chains, layout)
+    net = Parametrized(plain, chains, layout, shapes={k: v.shape for k, v in module.named_parameters()})
     params = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in module.named_parameters()}
     state = {k: v.detach().clone() for k, v in module.named_buffers()}
     net.check_keys(params, state)

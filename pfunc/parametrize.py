@@ -1,9 +1,13 @@
 """``Parametrized``: a module plus chains of parametrizations, used through pure functions.
 
-The module is never touched: no class swap, no injected property, no buffer
-written. Everything that changes lives in two plain dicts of tensors, ``params``
-(what gradients flow to) and ``state`` (buffers and parametrizations' state), keyed
-like the ``state_dict`` of the ``torch.nn.utils.parametrize``'d twin.
+The data path, top-down: :func:`parametrize` -> :meth:`Parametrized.init` -> ``(params, state)``
+-> :meth:`~Parametrized.materialize` -> plain values -> the module's code, run on a private
+shadow (:mod:`pfunc.execution`) -> ``(output, new_state)``.
+
+The module is never touched: no class swap, no injected property, no buffer written, and no
+tensor swapped in even for the duration of a call. Everything that changes lives in two plain
+dicts of tensors, ``params`` (what gradients flow to) and ``state`` (buffers and
+parametrizations' state), keyed like the ``state_dict`` of the ``torch.nn.utils.parametrize``'d twin.
 
 >>> import torch, pfunc as pf
 >>> from pfunc.parametrizations import Skew, Cayley
@@ -27,22 +31,18 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .chain import Chain, Step, as_step
+from . import registration as reg
+from .chain import Chain, Step
+from .execution import Method, ShadowPool
 from .tree import original_key, step_key
+from .validation import check_keys, check_mapping, check_tensors, check_training
 
 __all__ = ["Parametrized", "parametrize", "is_parametrized"]
 
 Params = dict  # dict[str, Tensor]
 State = dict  # dict[str, Tensor]
 Spec = Mapping[str, Union[Any, Sequence[Any]]]
-
-
-def _fresh(t: Tensor, requires_grad: bool) -> Tensor:
-    return t.detach().clone().requires_grad_(requires_grad and (t.is_floating_point() or t.is_complex()))
-
-
-def _describe(x: Any) -> str:
-    return type(x).__name__
+Layout = Mapping[str, tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, ...], ...]]]
 
 
 @dataclass(frozen=True)
@@ -63,54 +63,77 @@ class Parametrized:
     Attributes:
         module: the untouched ``nn.Module``.
         chains: read-only ``{tensor name: Chain}`` in registration order.
+        param_keys, state_keys: the keys ``params`` and ``state`` must have.
     """
 
     def __init__(
         self,
         module: nn.Module,
         chains: Mapping[str, Chain],
-        layout: Mapping[str, tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, ...], ...]]],
+        layout: Layout,
+        *,
+        shapes: Optional[Mapping[str, torch.Size]] = None,
+        pool: Optional[ShadowPool] = None,
     ):
         self.module = module
         self.chains = MappingProxyType(dict(chains))
         # layout[name] = (local param names per step, local state names per step)
         self._layout = MappingProxyType(dict(layout))
-        named_params = dict(module.named_parameters())
-        named_buffers = dict(module.named_buffers())
-        self._aliases = _alias_map(module)
-        self._slots, self._edges = _slots(module)
-        self._module_params = named_params
-        self._module_buffers = named_buffers
-        self._plain_params = tuple(n for n in named_params if n not in self.chains)
-        self._plain_buffers = tuple(n for n in named_buffers if n not in self.chains)
-        plans = []
-        for name, chain in self.chains.items():
-            pnames, snames = self._layout[name]
-            plans.append(
-                _Plan(
-                    name=name,
-                    chain=chain,
-                    original_keys=tuple(original_key(name, o) for o in chain.original_names),
-                    step_param_keys=tuple(tuple((l, step_key(name, i, l)) for l in ls) for i, ls in enumerate(pnames)),
-                    step_state_keys=tuple(tuple((l, step_key(name, i, l)) for l in ls) for i, ls in enumerate(snames)),
-                    stateful=any(snames),
-                )
-            )
-        self._plans = tuple(plans)
-        param_keys = set(self._plain_params)
-        state_keys = set(self._plain_buffers)
+        self._pool = pool if pool is not None and pool.module is module else ShadowPool(module)
+        self._aliases = self._pool.aliases
+        self._module_params = dict(module.named_parameters())
+        self._module_buffers = dict(module.named_buffers())
+        self._plain_params = tuple(n for n in self._module_params if n not in self.chains)
+        self._plain_buffers = tuple(n for n in self._module_buffers if n not in self.chains)
+        self._plans = tuple(self._plan(name, chain) for name, chain in self.chains.items())
+        param_keys, state_keys = set(self._plain_params), set(self._plain_buffers)
         for plan in self._plans:
             (state_keys if plan.chain.is_buffer else param_keys).update(plan.original_keys)
-            for keys in plan.step_param_keys:
-                param_keys.update(k for _, k in keys)
-            for keys in plan.step_state_keys:
-                state_keys.update(k for _, k in keys)
+            param_keys.update(k for keys in plan.step_param_keys for _, k in keys)
+            state_keys.update(k for keys in plan.step_state_keys for _, k in keys)
         self.param_keys = frozenset(param_keys)
         self.state_keys = frozenset(state_keys)
+        self._value_keys = frozenset(self._module_params) | frozenset(self._module_buffers)
+        # the shapes params must keep: what init gives, except where a chain was registered unsafe
+        known = {n: self._module_params[n].shape for n in self._plain_params}
+        known.update(shapes or {})
+        unsafe = {k for plan in self._plans if any(plan.chain.unsafe) for k in plan.original_keys}
+        self._shapes = MappingProxyType({k: s for k, s in known.items() if k in self.param_keys and k not in unsafe})
+        self._non_persistent = frozenset(self._non_persistent_keys())
+
+    def _plan(self, name: str, chain: Chain) -> _Plan:
+        pnames, snames = self._layout[name]
+        return _Plan(
+            name=name,
+            chain=chain,
+            original_keys=tuple(original_key(name, o) for o in chain.original_names),
+            step_param_keys=tuple(tuple((l, step_key(name, i, l)) for l in ls) for i, ls in enumerate(pnames)),
+            step_state_keys=tuple(tuple((l, step_key(name, i, l)) for l in ls) for i, ls in enumerate(snames)),
+            stateful=any(snames),
+        )
+
+    def _non_persistent_keys(self) -> set[str]:
+        """State keys torch leaves out of ``state_dict``: non-persistent module and step buffers."""
+        keys = set()
+        for prefix, m in self.module.named_modules(remove_duplicate=False):
+            for leaf in m._non_persistent_buffers_set:
+                name = self.canonical_name(f"{prefix}.{leaf}" if prefix else leaf)
+                if name in self.state_keys:
+                    keys.add(name)
+        for plan in self._plans:
+            for i, step in enumerate(plan.chain.steps):
+                if isinstance(step.fn, nn.Module):
+                    for prefix, m in step.fn.named_modules():
+                        keys.update(step_key(plan.name, i, f"{prefix}.{l}" if prefix else l) for l in m._non_persistent_buffers_set)
+        return keys & self.state_keys
+
+    def _derive(self, chains: Mapping[str, Chain], layout: Layout, shapes: Mapping[str, torch.Size]) -> "Parametrized":
+        """A new net on the same module (sharing its shadows) with other chains."""
+        return Parametrized(self.module, chains, layout, shapes=shapes, pool=self._pool)
 
     def __reduce__(self):
-        # rebuilt from its parts: pickles and deep-copies like any value
-        return (Parametrized, (self.module, dict(self.chains), dict(self._layout)))
+        # rebuilt from its parts: pickles and deep-copies like any value (shadows are rebuilt)
+        return (_rebuild, (self.module, dict(self.chains), dict(self._layout), dict(self._shapes)))
 
     # ------------------------------------------------------------------ queries
     def __repr__(self) -> str:
@@ -147,49 +170,47 @@ class Parametrized:
         """Fresh ``(params, state)``: the module's current tensors (or ``values``) put
         through each chain's ``right_inverse`` as if registered one by one with torch.
 
-        ``generator`` feeds every random draw of stateful parametrizations (``None``:
-        the global RNG). ``values`` overrides some or all of the module's tensors by
-        their plain names (e.g. an ensemble member's fresh initialisation).
+        ``generator`` feeds every random draw of the parametrizations: stateful ones get it,
+        and plain or torch-style ones that draw from the global RNG run with it seeded from
+        ``generator`` (``None``: the global RNG as it is). ``values`` overrides some or all of
+        the module's tensors by their plain names (e.g. an ensemble member's fresh initialisation).
         """
         params, state = self._module_tensors(values)
-        net = Parametrized(self.module, {}, {})
+        net = self._derive({}, {}, {})
         for name, chain in self.chains.items():
             for step, unsafe in zip(chain.steps, chain.unsafe):
                 net, params, state = net._register(params, state, name, step, unsafe, generator)
         return params, state
 
     def _module_tensors(self, values: Optional[Mapping[str, Tensor]]) -> tuple[Params, State]:
+        if values is not None:
+            check_mapping("init: values", values)
         values = dict(values or {})
-        unknown = [k for k in values if self.canonical_name(k) not in self._module_params and self.canonical_name(k) not in self._module_buffers]
+        unknown = [k for k in values if self.canonical_name(k) not in self._value_keys]
         if unknown:
             raise ValueError(f"init: values has names the module does not have: {unknown}")
         values = {self.canonical_name(k): v for k, v in values.items()}
         params = {}
         for n, p in self._module_params.items():
             v = values.get(n, p)
-            _check_like(v, p, f"values['{n}']")
-            params[n] = _fresh(v, p.requires_grad)
+            reg.check_like(v, p, f"values['{n}']")
+            params[n] = reg.fresh(v, p.requires_grad)
         state = {}
         for n, b in self._module_buffers.items():
             v = values.get(n, b)
-            _check_like(v, b, f"values['{n}']")
+            reg.check_like(v, b, f"values['{n}']")
             state[n] = v.detach().clone()
         return params, state
 
     # ------------------------------------------------------------------ the hot path
     def check_keys(self, params: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> None:
-        """Raise ``KeyError`` naming every missing or unexpected key of ``params``/``state``."""
-        if params.keys() == self.param_keys and state.keys() == self.state_keys:
-            return
-        problems = []
-        for what, tree, keys in (("params", params, self.param_keys), ("state", state, self.state_keys)):
-            missing = sorted(keys - tree.keys())
-            extra = sorted(tree.keys() - keys)
-            if missing:
-                problems.append(f"{what} is missing {missing}")
-            if extra:
-                problems.append(f"{what} has unexpected {extra}")
-        raise KeyError("; ".join(problems) + " (build params and state with net.init())")
+        """Raise ``TypeError`` unless ``params`` and ``state`` are dicts of tensors, ``KeyError``
+        naming every missing or unexpected key, ``ValueError`` naming a param of the wrong shape."""
+        check_mapping("params", params)
+        check_mapping("state", state)
+        if params.keys() != self.param_keys or state.keys() != self.state_keys:
+            check_keys({"params": (params, self.param_keys), "state": (state, self.state_keys)})
+        check_tensors({"params": params, "state": state}, self._shapes)
 
     def materialize(
         self,
@@ -199,14 +220,14 @@ class Parametrized:
         training: Optional[bool] = None,
     ) -> tuple[dict[str, Tensor], State]:
         """``(values, new_state)``: every module tensor by its plain name, each parametrized
-        one computed once. ``values`` is the explicit cache: pass it to
-        :meth:`apply` (or ``torch.func.functional_call``) as many times as you like.
+        one computed once. ``values`` is the explicit cache: pass it to :meth:`apply` as many
+        times as you like.
 
         ``training`` defaults to ``module.training``; in eval no state changes.
         """
-        self.check_keys(params, state)
-        if training is None:
+        if check_training(training) is None:
             training = self.module.training
+        self.check_keys(params, state)
         values = {k: params[k] for k in self._plain_params}
         for k in self._plain_buffers:
             values[k] = state[k]
@@ -217,7 +238,7 @@ class Parametrized:
             ss = _pick_steps(state, plan.step_state_keys)
             y, ss_new = plan.chain.forward(originals, sp, ss, training)
             values[plan.name] = y
-            if plan.stateful:
+            if plan.stateful and training:
                 if new_state is None:
                     new_state = dict(state)
                 for keys, s in zip(plan.step_state_keys, ss_new):
@@ -225,35 +246,26 @@ class Parametrized:
                         new_state[k] = s[l]
         return values, (state if new_state is None else new_state)
 
-    def apply(self, values: Mapping[str, Tensor], *args: Any, **kwargs: Any) -> Any:
-        """The module's forward with ``values`` (from :meth:`materialize`) in place of its tensors."""
-        return self._functional_call(dict(values), args, kwargs)
+    def apply(
+        self,
+        values: Mapping[str, Tensor],
+        *args: Any,
+        training: Optional[bool] = None,
+        method: Method = "forward",
+        **kwargs: Any,
+    ) -> Any:
+        """The module's ``method`` (its forward by default) with ``values`` (from :meth:`materialize`)
+        as its tensors, run privately; buffer updates are dropped (use :meth:`__call__` to keep them).
 
-    def _functional_call(self, values: dict, args: tuple, kwargs: dict) -> Any:
-        # tied aliases are filled here, so torch need not rediscover ties on every call
-        for alias, name in self._aliases.items():
-            if name in values:
-                values[alias] = values[name]
-        if (
-            torch.compiler.is_compiling()
-            or not self._slots.keys() >= values.keys()
-            or any(parent._modules.get(name) is not child for parent, name, child in self._edges)
-        ):
-            # traced under torch.compile; by name when the module's tree changed since __init__
-            return torch.func.functional_call(self.module, values, args, kwargs, tie_weights=False)
-        # functional_call's semantics (swap in, call, swap back even on error) with the owners
-        # resolved once in __init__: a dict write per tensor instead of get_submodule +
-        # delattr + setattr, twice per call.
-        swapped = []
-        try:
-            for key, tensor in values.items():
-                slot, leaf = self._slots[key]
-                swapped.append((slot, leaf, slot[leaf]))
-                slot[leaf] = tensor
-            return self.module(*args, **kwargs)
-        finally:
-            for slot, leaf, old in reversed(swapped):
-                slot[leaf] = old
+        ``values`` must name every parameter and buffer of the module (``KeyError`` naming the
+        missing and unknown ones, ``TypeError`` naming a non-tensor).
+        """
+        training = check_training(training)
+        check_mapping("values", values)
+        if values.keys() != self._value_keys:
+            check_keys({"values": (values, self._value_keys)}, hint=" (build values with net.materialize(params, state))")
+        check_tensors({"values": values}, self._shapes)
+        return self._pool.run(values, args, kwargs, training=training, method=self._method(method), capture=False)[0]
 
     def __call__(
         self,
@@ -261,25 +273,41 @@ class Parametrized:
         state: Mapping[str, Tensor],
         *args: Any,
         training: Optional[bool] = None,
+        method: Method = "forward",
         **kwargs: Any,
     ) -> tuple[Any, State]:
-        """``(output, new_state)``: materialise then run the module's forward on ``args``.
+        """``(output, new_state)``: materialise, then run the module's ``method`` (its forward by
+        default; another method's name, or ``f(module, *args, **kwargs)``) on ``args``/``kwargs``.
 
-        The module's own buffers (e.g. BatchNorm running stats) are copied first when
-        the module is in training mode, so its in-place updates land in ``new_state``
-        and never in the caller's ``state``.
+        The call runs on a private shadow of the module with ``training`` as every layer's mode
+        (``None``: each layer's own). ``new_state`` holds every buffer the call changed, in place
+        or by assignment (e.g. BatchNorm's running statistics); in eval no state changes. The
+        caller's ``params`` and ``state`` are never written.
         """
+        method = self._method(method)
         values, new_state = self.materialize(params, state, training=training)
-        copied = self._plain_buffers and any(m.training for m in self.module.modules())
-        if copied:
-            for k in self._plain_buffers:
-                values[k] = values[k].clone()
-        out = self._functional_call(values, args, kwargs)
-        if copied:
-            new_state = dict(new_state)
-            for k in self._plain_buffers:
-                new_state[k] = values[k]
+        out, changed = self._pool.run(values, args, kwargs, training=training, method=method)
+        if changed:
+            updated = {k: t for k, t in changed.items() if k in self.state_keys}
+            if updated:  # a parametrized buffer's updates are dropped, as torch drops them
+                new_state = {**new_state, **updated}
         return out, new_state
+
+    def _method(self, method: Method) -> Method:
+        if method == "forward" or (callable(method) and not isinstance(method, str)):
+            return method
+        if not isinstance(method, str):
+            raise TypeError(f"method must be a method name or a callable f(module, *args, **kwargs), got {type(method).__name__}")
+        if not callable(getattr(self.module, method, None)):
+            raise AttributeError(f"method: {type(self.module).__name__} has no method {method!r}")
+        return method
+
+    def state_dict(self, params: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The ``state_dict`` of the ``torch.nn.utils.parametrize``'d twin, from ``(params, state)``:
+        the same keys (non-persistent buffers left out, as torch does), detached. Read one back
+        with :func:`pfunc.split_state_dict`."""
+        self.check_keys(params, state)
+        return {k: v.detach() for k, v in {**params, **state}.items() if k not in self._non_persistent}
 
     # ------------------------------------------------------------------ assignment
     def assign(
@@ -297,52 +325,29 @@ class Parametrized:
         replaced (same shape and dtype required).
         """
         self.check_keys(params, state)
+        check_mapping("updates", updates)
         params, state = dict(params), dict(state)
         for raw_name, value in updates.items():
             name = self.canonical_name(raw_name)
             where = self._where(name)
             if not isinstance(value, Tensor):
-                raise TypeError(f"assign: value for '{raw_name}' must be a Tensor, got {_describe(value)}")
+                raise TypeError(f"assign: value for '{raw_name}' must be a Tensor, got {reg.describe(value)}")
             if where in ("params", "state"):
                 tree = params if where == "params" else state
-                _check_like(value, tree[name], f"assign: value for '{raw_name}'")
-                tree[name] = _fresh(value, tree[name].requires_grad)
+                reg.check_like(value, tree[name], f"assign: value for '{raw_name}'")
+                tree[name] = reg.fresh(value, tree[name].requires_grad)
                 continue
             plan = next(p for p in self._plans if p.name == name)
             chain = plan.chain
-            sp = [{l: params[k] for l, k in keys} for keys in plan.step_param_keys]
-            ss = [{l: state[k] for l, k in keys} for keys in plan.step_state_keys]
+            sp = _pick_steps(params, plan.step_param_keys)
+            ss = _pick_steps(state, plan.step_state_keys)
             with torch.no_grad():
                 new, ss_new = chain.right_inverse(value, sp, ss, generator)
             source = state if chain.is_buffer else params
-            old = [source[k] for k in plan.original_keys]
-            if chain.is_tensor:
-                if not isinstance(new, Tensor):
-                    raise ValueError(f"'right_inverse' of '{name}' must return a tensor. Got {_describe(new)}.")
-                new = (new,)
-            else:
-                if not isinstance(new, Sequence) or isinstance(new, Tensor):
-                    raise ValueError(f"'right_inverse' of '{name}' must return a sequence of tensors. Got {_describe(new)}.")
-                if len(new) != len(old):
-                    raise ValueError(
-                        f"'right_inverse' of '{name}' must return a sequence of tensors of length "
-                        f"{len(old)}. Got a sequence of length {len(new)}."
-                    )
+            old = _pick(source, plan.original_keys)
+            new = reg.check_assigned_originals(name, raw_name, plan.original_keys, old, new, chain.is_tensor, any(chain.unsafe))
             for key, o, n in zip(plan.original_keys, old, new):
-                if not isinstance(n, Tensor):
-                    raise ValueError(f"'right_inverse' of '{name}' must return tensors; '{key}' got {_describe(n)}.")
-                if n.dtype != o.dtype:
-                    raise ValueError(
-                        f"The tensor returned by 'right_inverse' for '{key}' has dtype {n.dtype} "
-                        f"while the original has dtype {o.dtype}"
-                    )
-                if n.shape != o.shape and not any(chain.unsafe):
-                    raise ValueError(
-                        f"assign: the value for '{raw_name}' gives '{key}' the shape {tuple(n.shape)}, but the "
-                        f"original has shape {tuple(o.shape)} (register with unsafe=True to allow it)"
-                    )
-            for key, o, n in zip(plan.original_keys, old, new):
-                source[key] = _fresh(n, o.requires_grad)
+                source[key] = reg.fresh(n, o.requires_grad)
             for keys, s in zip(plan.step_state_keys, ss_new):
                 for l, k in keys:
                     state[k] = s[l].detach()
@@ -366,7 +371,8 @@ class Parametrized:
         grows and the originals stay. Unless ``unsafe``, dtype and shape are checked.
         """
         self.check_keys(params, state)
-        return self._register(dict(params), dict(state), self.canonical_name(name), as_step(parametrization), unsafe, generator)
+        name = self.canonical_name(name)
+        return self._register(dict(params), dict(state), name, reg.step_for(parametrization, name), unsafe, generator)
 
     def _register(
         self,
@@ -379,14 +385,12 @@ class Parametrized:
     ) -> tuple["Parametrized", Params, State]:
         where = self._where(name)
         params, state = dict(params), dict(state)
-        chains = dict(self.chains)
-        layout = dict(self._layout)
+        chains, layout, shapes = dict(self.chains), dict(self._layout), dict(self._shapes)
         if where == "chain":
-            current, _ = self.materialize(params, state, training=False)
-            current = current[name].detach()
+            current = self.materialize(params, state, training=False)[0][name].detach()
         else:
             current = (params if where == "params" else state)[name]
-        step = _bind(step, self.module, name, current)
+        step = reg.bind(step, self.module, name, current)
         sp, ss = step.init(current, generator)
         if where != "chain":
             new = current  # no right_inverse, or one that raises NotImplementedError: the identity (as torch)
@@ -396,44 +400,33 @@ class Parametrized:
                         new, ss = step.right_inverse(current, sp, ss, generator)
                     except NotImplementedError:
                         pass
-            originals, n_originals = _originals_from(new, current, name)
-            requires_grad = current.requires_grad
+            originals, n_originals = reg.originals_from(new, current, name)
             chain = Chain((step,), n_originals, is_buffer=(where == "state"), unsafe=(unsafe,))
             if not unsafe:
                 with torch.no_grad():
                     Z, _ = chain.forward(originals, [sp], [ss], training=False)
-                _check_output(Z, current, name, "Registering a parametrization")
+                reg.check_output(Z, current, name, "Registering a parametrization")
             tree = state if where == "state" else params
             del tree[name]
+            shapes.pop(name, None)
             for o, t in zip(chain.original_names, originals):
-                tree[original_key(name, o)] = _fresh(t, requires_grad)
+                tree[original_key(name, o)] = reg.fresh(t, current.requires_grad)
+                if where == "params":
+                    shapes[original_key(name, o)] = t.shape
             chains[name] = chain
             layout[name] = ((tuple(sp),), (tuple(ss),))
         else:
             if not unsafe:
                 with torch.no_grad():
                     X, _ = step.forward((current,), sp, ss, False)
-                    _check_output(X, current, name, "Registering a parametrization on a parametrized tensor")
+                    reg.check_output(X, current, name, "Registering a parametrization on a parametrized tensor")
                     if step.has_right_inverse:
                         try:
                             Z, _ = step.right_inverse(X, sp, ss, generator)
                         except NotImplementedError:
                             pass
                         else:
-                            if not isinstance(Z, Tensor):
-                                raise ValueError(
-                                    f"parametrization.right_inverse for '{name}' must return a tensor. Got: {_describe(Z)}"
-                                )
-                            if Z.dtype != current.dtype:
-                                raise ValueError(
-                                    f"The tensor returned by parametrization.right_inverse for '{name}' must have the same "
-                                    f"dtype as the parametrized tensor: {Z.dtype} != {current.dtype}"
-                                )
-                            if Z.shape != current.shape:
-                                raise ValueError(
-                                    f"The tensor returned by parametrization.right_inverse for '{name}' must have the same "
-                                    f"shape as the parametrized tensor: {tuple(Z.shape)} != {tuple(current.shape)}"
-                                )
+                            reg.check_right_inverse_output(Z, current, name)
             old = chains[name]
             chains[name] = Chain(old.steps + (step,), old.n_originals, old.is_buffer, old.unsafe + (unsafe,))
             pnames, snames = layout[name]
@@ -441,9 +434,10 @@ class Parametrized:
         index = len(chains[name].steps) - 1
         for l, t in sp.items():
             params[step_key(name, index, l)] = t
+            shapes[step_key(name, index, l)] = t.shape
         for l, t in ss.items():
             state[step_key(name, index, l)] = t.detach()
-        return Parametrized(self.module, chains, layout), params, state
+        return self._derive(chains, layout, shapes), params, state
 
     def remove(
         self,
@@ -470,8 +464,7 @@ class Parametrized:
         source = state if chain.is_buffer else params
         requires_grad = source[plan.original_keys[0]].requires_grad
         if leave_parametrized:
-            values, _ = self.materialize(params, state, training=False)
-            value = values[name]
+            value = self.materialize(params, state, training=False)[0][name]
         elif chain.is_tensor:
             value = source[plan.original_keys[0]]
         else:
@@ -479,6 +472,7 @@ class Parametrized:
                 f"Cannot leave unparametrized (`leave_parametrized=False`) '{name}', a tensor that is "
                 "parametrized in terms of a sequence of tensors."
             )
+        dropped = [*plan.original_keys, *(k for keys in plan.step_param_keys for _, k in keys)]
         for k in plan.original_keys:
             del source[k]
         for keys in plan.step_param_keys:
@@ -487,13 +481,19 @@ class Parametrized:
         for keys in plan.step_state_keys:
             for _, k in keys:
                 del state[k]
-        source[name] = _fresh(value, requires_grad)
+        source[name] = reg.fresh(value, requires_grad)
+        shapes = {k: s for k, s in self._shapes.items() if k not in dropped}
+        if not chain.is_buffer:
+            shapes[name] = value.shape
         chains = {k: v for k, v in self.chains.items() if k != name}
         layout = {k: v for k, v in self._layout.items() if k != name}
-        return Parametrized(self.module, chains, layout), params, state
+        return self._derive(chains, layout, shapes), params, state
 
 
-# ---------------------------------------------------------------------- helpers of registration
+def _rebuild(module: nn.Module, chains: Mapping[str, Chain], layout: Layout, shapes: Mapping[str, torch.Size]) -> Parametrized:
+    return Parametrized(module, chains, layout, shapes=shapes)
+
+
 def _pick(tree: Mapping[str, Tensor], keys: Sequence[str]) -> list[Tensor]:
     """``[tree[k] for k in keys]``, as a function: torch 2.4's dynamo fails on comprehensions
     that close over a loop variable."""
@@ -503,102 +503,6 @@ def _pick(tree: Mapping[str, Tensor], keys: Sequence[str]) -> list[Tensor]:
 def _pick_steps(tree: Mapping[str, Tensor], steps: Sequence[Sequence[tuple[str, str]]]) -> list[dict[str, Tensor]]:
     """Per chain step, ``{local name: tree[global key]}``."""
     return [{local: tree[key] for local, key in keys} for keys in steps]
-
-
-def _slots(module: nn.Module) -> tuple[dict[str, tuple[dict, str]], tuple[tuple[nn.Module, str, nn.Module], ...]]:
-    """Every tensor name (aliases included) -> ``(owner._parameters or owner._buffers, leaf)``,
-    and the ``(parent, name, child)`` edges leading to those owners (to notice a replaced submodule)."""
-    slots = {}
-    edges = {}
-    for named in (module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)):
-        for name, _ in named:
-            *path, leaf = name.split(".")
-            owner = module
-            for part in path:
-                child = owner._modules[part]
-                edges[(id(owner), part)] = (owner, part, child)
-                owner = child
-            slots[name] = (owner._parameters if leaf in owner._parameters else owner._buffers, leaf)
-    return slots, tuple(edges.values())
-
-
-def _alias_map(module: nn.Module) -> dict[str, str]:
-    """Tied tensors: every later name of a tensor -> the first name torch reports."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for named in (module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)):
-        for n, t in named:
-            if id(t) in first:
-                if first[id(t)] != n:
-                    aliases[n] = first[id(t)]
-            else:
-                first[id(t)] = n
-    return aliases
-
-
-def _bind(step: Step, module: nn.Module, name: str, value: Tensor) -> Step:
-    hook = getattr(step.fn, "for_tensor", None)
-    if not callable(hook):
-        return step
-    owner_name, _, leaf = name.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
-    return as_step(hook(owner, leaf, value))
-
-
-def _check_like(value: Any, reference: Tensor, what: str) -> None:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{what} must be a Tensor, got {_describe(value)}")
-    if value.shape != reference.shape:
-        raise ValueError(f"{what} has shape {tuple(value.shape)}, expected {tuple(reference.shape)}")
-    if value.dtype != reference.dtype:
-        raise ValueError(f"{what} has dtype {value.dtype}, expected {reference.dtype}")
-
-
-def _originals_from(new: Any, original: Tensor, name: str) -> tuple[tuple[Tensor, ...], Optional[int]]:
-    if isinstance(new, Tensor):
-        if new.dtype != original.dtype:
-            raise ValueError(
-                f"When `right_inverse` outputs one tensor, it may not change the dtype.\n"
-                f"tensor: '{name}'\noriginal.dtype: {original.dtype}\nright_inverse(original).dtype: {new.dtype}"
-            )
-        if new.device != original.device:
-            raise ValueError(
-                f"When `right_inverse` outputs one tensor, it may not change the device.\n"
-                f"tensor: '{name}'\noriginal.device: {original.device}\nright_inverse(original).device: {new.device}"
-            )
-        return (new,), None
-    if not isinstance(new, Sequence) or isinstance(new, (str, bytes)):
-        raise ValueError(
-            f"'right_inverse' must return a Tensor or a Sequence of tensors (list, tuple...). "
-            f"Got {_describe(new)} for '{name}'."
-        )
-    for i, t in enumerate(new):
-        if not isinstance(t, Tensor):
-            raise ValueError(
-                f"'right_inverse' must return a Tensor or a Sequence of tensors (list, tuple...). "
-                f"Got element {i} of the sequence with type {_describe(t)} for '{name}'."
-            )
-        if t.device != original.device:
-            raise ValueError(
-                f"'right_inverse' of '{name}' may not change the device: element {i} is on {t.device}, "
-                f"the original on {original.device}"
-            )
-    return tuple(new), len(new)
-
-
-def _check_output(Z: Any, reference: Tensor, name: str, what: str) -> None:
-    if not isinstance(Z, Tensor):
-        raise ValueError(f"A parametrization must return a tensor. Got {_describe(Z)} for '{name}'.")
-    if Z.dtype != reference.dtype:
-        raise ValueError(
-            f"{what} may not change the dtype of the tensor, unless `unsafe` flag is enabled.\n"
-            f"tensor: '{name}'\nunparametrized dtype: {reference.dtype}\nparametrized dtype: {Z.dtype}"
-        )
-    if Z.shape != reference.shape:
-        raise ValueError(
-            f"{what} may not change the shape of the tensor, unless `unsafe` flag is enabled.\n"
-            f"tensor: '{name}'\nunparametrized shape: {tuple(reference.shape)}\nparametrized shape: {tuple(Z.shape)}"
-        )
 
 
 # ---------------------------------------------------------------------- public constructors
@@ -614,16 +518,19 @@ def parametrize(
     ``torch.nn.utils.parametrize.register_parametrization`` (dtype/shape checks
     included unless ``unsafe``); names may be nested (``"encoder.0.weight"``) and
     may name buffers. The module is not modified. Raises ``ValueError`` naming an
-    unknown tensor or a failed check.
+    unknown tensor or a failed check, ``TypeError`` naming a tensor whose
+    parametrization is not callable.
     """
     if not isinstance(module, nn.Module):
-        raise TypeError(f"parametrize: module must be an nn.Module, got {_describe(module)}")
+        raise TypeError(f"parametrize: module must be an nn.Module, got {reg.describe(module)}")
     if not isinstance(spec, Mapping):
-        raise TypeError(f"parametrize: spec must map tensor names to parametrizations, got {_describe(spec)}")
+        raise TypeError(f"parametrize: spec must map tensor names to parametrizations, got {reg.describe(spec)}")
     net = Parametrized(module, {}, {})
     params, state = net.init()
     seen: dict[str, str] = {}
     for raw_name, chain in spec.items():
+        if not isinstance(raw_name, str):
+            raise TypeError(f"parametrize: spec keys must be tensor names (str), got {raw_name!r}")
         name = net.canonical_name(raw_name)
         if name in seen:
             raise ValueError(f"parametrize: '{raw_name}' and '{seen[name]}' name the same (tied) tensor")
@@ -632,9 +539,8 @@ def parametrize(
         if not steps:
             raise ValueError(f"parametrize: the chain for '{raw_name}' is empty")
         for fn in steps:
-            net, params, state = net._register(
-                params, state, name, as_step(fn), unsafe, torch.Generator().manual_seed(0)
-            )
+            step = reg.step_for(fn, raw_name)
+            net, params, state = net._register(params, state, name, step, unsafe, torch.Generator().manual_seed(0))
     return net
 
 
@@ -659,4 +565,4 @@ def is_parametrized(obj: Union[Parametrized, nn.Module], name: Optional[str] = N
         except AttributeError:
             return False
         return torch_parametrize.is_parametrized(owner, leaf)
-    raise TypeError(f"is_parametrized: expected a Parametrized or an nn.Module, got {_describe(obj)}")
+    raise TypeError(f"is_parametrized: expected a Parametrized or an nn.Module, got {reg.describe(obj)}")

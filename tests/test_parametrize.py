@@ -66,15 +66,27 @@ class SeedPruningParametrization(nn.Module):
 
 
 class Counting(nn.Module):
-    """The tutorial's NoisyParametrization, counting instead of printing."""
+    """The tutorial's NoisyParametrization, counting instead of printing.
+
+    It runs on private shadows, so ``self.x = ...`` in its forward would change a shadow, never
+    this object: it counts into a list that the shadows share with it, as printing would.
+    """
 
     def __init__(self):
         super().__init__()
-        self.calls = 0
+        self.log = []
 
     def forward(self, X):
-        self.calls += 1
+        self.log.append(1)
         return X
+
+    @property
+    def calls(self):
+        return len(self.log)
+
+    @calls.setter
+    def calls(self, n):
+        del self.log[n:]
 
 
 def orthogonal_det1(n, dtype=torch.float32, seed=0):
