@@ -10,6 +10,7 @@ torch.Size([2, 4])
 """
 
 from . import ensemble, parametrizations, power, spectral, tree
+from . import distributed
 from .spectral import singular_values, spectral_norm_spec
 from .chain import Chain, Step, as_step
 from .interop import from_torch, split_state_dict, to_torch
@@ -37,6 +38,7 @@ __all__ = [
     "to_torch",
     "split_state_dict",
     "ensemble",
+    "distributed",
     "spectral",
     "spectral_norm_spec",
     "singular_values",
