@@ -1,0 +1,367 @@
+"""``grad`` and ``grad_and_value``: ``torch.func``'s gradients at autograd's cost.
+
+Same signatures, return order, pytree handling and errors as :func:`torch.func.grad` and
+:func:`torch.func.grad_and_value`, and the same results (to rounding; bitwise where the same
+kernels run). What differs is how the gradient is computed at the top level:
+
+* **top level, eager** (no ``torch.func`` transform running): the differentiated inputs are
+  replaced by fresh leaves (``t.detach().requires_grad_()``, sharing the caller's storage),
+  ``f`` runs under ``torch.enable_grad()`` and ``torch.autograd.grad`` differentiates it without
+  ``create_graph``. ``torch.func.grad`` differentiates with ``create_graph=True``, which keeps
+  every saved tensor of the forward alive through the whole backward (2.35x the peak memory
+  of ``loss.backward()`` on the diffusion Unet, 1.2-1.65x its time in ``BENCHMARKS.md``).
+* **inside** ``vmap``/``grad``/``jvp``/``jacrev``/``functionalize``, or inside the ``f`` of a
+  top-level ``pf.grad``: ``torch.func.grad_and_value`` itself, so per-sample gradients, nesting
+  and higher-order derivatives keep working (``pf.grad(pf.grad(f))`` differentiates the inner
+  ``torch.func`` gradient with the outer autograd one).
+* **under** ``torch.compile``: ``torch.func.grad_and_value`` (dynamo captures it whole: no
+  graph break), called under ``torch.no_grad()`` at the top level so the compiled graph
+  computes the gradient and records nothing for an outer backward.
+* under ``torch.inference_mode()``, where autograd records nothing: ``torch.func`` too.
+
+Nothing of the caller's is touched: its tensors keep their values, ``requires_grad`` and
+graph, nothing accumulates in ``.grad``, and the returned gradients, value and aux are not
+part of any autograd graph (``requires_grad=False``; a differentiated input returned in aux
+comes back as the caller's own tensor, as in ``torch.func``). That last point is the one
+difference from ``torch.func``: when the caller's inputs require grad, ``torch.func.grad``
+returns results connected to the caller's graph (so ``torch.autograd`` can differentiate
+through the gradient, at ``create_graph``'s cost); these never are. For a gradient of a
+gradient, nest: ``pf.grad(pf.grad(f))`` or ``torch.func.grad(pf.grad(f))``.
+
+>>> import torch, pfunc as pf
+>>> params = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor(0.5)}
+>>> def loss(p, x):
+...     return ((x @ p["w"] + p["b"]) ** 2).mean()
+>>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+>>> grads, value = pf.grad_and_value(loss)(params, x)
+>>> grads["w"], grads["b"], value
+(tensor([1.5000, 2.5000]), tensor(4.), tensor(4.2500))
+>>> per_sample = torch.func.vmap(pf.grad(loss), in_dims=(None, 0))(params, x[:, None])
+>>> per_sample["w"].shape
+torch.Size([2, 2])
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any, Callable, Sequence, Union
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+__all__ = ["grad", "grad_and_value"]
+
+Argnums = Union[int, tuple[int, ...]]
+
+_functorch = torch._C._functorch
+
+
+def _current_level() -> Any:
+    """The innermost running ``torch.func`` transform's level, ``None`` at the top level."""
+    maybe = getattr(_functorch, "maybe_current_level", None)
+    if maybe is not None:
+        return maybe()
+    return _functorch.peek_interpreter_stack()  # pragma: no cover - torch without maybe_current_level
+
+
+def _check_argnums(api: str, argnums: Any) -> None:
+    """``argnums``' type, uniqueness and non-emptiness (``torch.func``'s rules and messages)."""
+    if isinstance(argnums, int):
+        return
+    if not isinstance(argnums, tuple) or not all(isinstance(a, int) for a in argnums):
+        raise RuntimeError(f"{api}: argnums must be int or Tuple[int, ...], got: {type(argnums)} ({argnums!r})")
+    if len(argnums) == 0:
+        raise RuntimeError(f"{api}: argnums must be non-empty")
+    if len(set(argnums)) != len(argnums):
+        raise RuntimeError(f"{api}: argnums elements must be unique, got {argnums}")
+
+
+def _positions(api: str, argnums: Argnums, num_args: int) -> tuple[int, ...]:
+    """``argnums`` as non-negative positions into ``args`` (negatives count from the end)."""
+    out = []
+    for a in (argnums,) if isinstance(argnums, int) else argnums:
+        if not -num_args <= a < num_args:
+            raise RuntimeError(f"{api}: argnums={argnums}: got argnum={a}, but only {num_args} positional inputs")
+        out.append(a % num_args)
+    if len(set(out)) != len(out):
+        raise RuntimeError(f"{api}: argnums={argnums} names the same positional input twice")
+    return tuple(out)
+
+
+def _where(tree: Any, index: int) -> str:
+    """``index``-th leaf of ``tree`` as a key path (``"['w']"``), for error messages."""
+    with_path = getattr(pytree, "tree_flatten_with_path", None)
+    if with_path is None:  # pragma: no cover - torch without key paths
+        return f" (leaf {index})"
+    path, _ = with_path(tree)[0][index]
+    return pytree.keystr(path)
+
+
+def _check_leaf(api: str, leaf: Any, args: Sequence[Any], position: int, index: int) -> None:
+    if not isinstance(leaf, Tensor):
+        raise ValueError(
+            f"{api}: args[{position}]{_where(args[position], index)} is a {type(leaf).__name__}; every leaf "
+            "of a differentiated argument must be a Tensor (torch.func: 'Thing passed to transform API must be Tensor')"
+        )
+    if not (leaf.is_floating_point() or leaf.is_complex()):
+        raise RuntimeError(
+            f"{api}: args[{position}]{_where(args[position], index)} is a {leaf.dtype} tensor; only Tensors of "
+            "floating point and complex dtype can be differentiated (pass it in an argument not in argnums)"
+        )
+
+
+def _check_output(api: str, has_aux: bool, out: Any) -> tuple[Tensor, Any]:
+    """``(output, aux)`` of ``f``'s result, after ``torch.func``'s checks."""
+    aux = None
+    if has_aux:
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise RuntimeError(
+                f"{api}: with has_aux=True, f must return a tuple (output, aux); got {type(out).__name__}"
+                + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
+            )
+        out, aux = out
+        for i, leaf in enumerate(pytree.tree_leaves(aux)):
+            if not isinstance(leaf, Tensor):
+                raise RuntimeError(
+                    f"{api}: aux must be a pytree of Tensors (as torch.func requires); "
+                    f"aux{_where(aux, i)} is a {type(leaf).__name__}"
+                )
+    if not isinstance(out, Tensor):
+        raise RuntimeError(f"{api}: expected f(*args) to return a Tensor, got {type(out).__name__}")
+    if out.dim() != 0:
+        raise RuntimeError(
+            f"{api}: expected f(*args) to return a scalar Tensor, got a tensor with {out.dim()} dims "
+            f"(shape {tuple(out.shape)}). Maybe you wanted to use the vjp or jacrev APIs instead?"
+        )
+    return out, aux
+
+
+def _checked(api: str, func: Callable[..., Any], has_aux: bool) -> Callable[..., Any]:
+    """``func`` with its output checked, for the routes that hand it to ``torch.func``."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        out, aux = _check_output(api, has_aux, func(*args, **kwargs))
+        return (out, aux) if has_aux else out
+
+    return run
+
+
+def _check_inputs(api: str, args: Sequence[Any], positions: tuple[int, ...]) -> None:
+    for p in positions:
+        for i, leaf in enumerate(pytree.tree_leaves(args[p])):
+            _check_leaf(api, leaf, args, p, i)
+
+
+_NESTING = threading.local()
+
+
+def _inside_autograd_route() -> bool:
+    """Whether this thread is running ``f`` for a top-level :func:`grad_and_value` (so a nested call
+    must stay differentiable for it)."""
+    return getattr(_NESTING, "depth", 0) > 0
+
+
+def _outermost() -> bool:
+    """Whether a gradient taken now is the outermost one: no ``torch.func`` transform is running
+    and no top-level :func:`grad_and_value` is running ``f``."""
+    return _current_level() is None and not _inside_autograd_route()
+
+
+def _autograd_ok() -> bool:
+    """Whether the autograd route applies: eager, outermost, and autograd records (not inference
+    mode; dynamo cannot trace ``is_inference_mode_enabled``, hence the ``is_compiling`` first)."""
+    return not torch.compiler.is_compiling() and _outermost() and not torch.is_inference_mode_enabled()
+
+
+def _fresh_leaves(api: str, args: Sequence[Any], positions: tuple[int, ...]):
+    """``(new args, fresh leaves, per argument (leaf count, rebuild), fresh id -> caller's tensor)``."""
+    new_args = list(args)
+    leaves: list[Tensor] = []
+    rebuilds: list[tuple[int, Callable[[list[Tensor]], Any]]] = []
+    originals: dict[int, Tensor] = {}
+    for p in positions:
+        arg = args[p]
+        if type(arg) is dict and all(isinstance(v, Tensor) for v in arg.values()):
+            keys, flat = tuple(arg), list(arg.values())
+            rebuild: Callable[[list[Tensor]], Any] = lambda gs, keys=keys: dict(zip(keys, gs))  # noqa: E731
+        else:
+            flat, spec = pytree.tree_flatten(arg)
+            rebuild = lambda gs, spec=spec: pytree.tree_unflatten(gs, spec)  # noqa: E731
+        fresh = []
+        for i, t in enumerate(flat):
+            _check_leaf(api, t, args, p, i)
+            f = t.detach()
+            if f.is_inference():  # an inference tensor cannot require grad outside inference mode
+                f = f.clone()
+            f.requires_grad_()
+            originals[id(f)] = t
+            fresh.append(f)
+        new_args[p] = rebuild(fresh)
+        leaves.extend(fresh)
+        rebuilds.append((len(fresh), rebuild))
+    return new_args, leaves, rebuilds, originals
+
+
+def _release(t: Tensor, originals: dict[int, Tensor]) -> Tensor:
+    """``t`` without its graph: the caller's tensor for a fresh leaf, ``t.detach()`` otherwise."""
+    original = originals.get(id(t))
+    if original is not None:
+        return original
+    return t.detach() if t.requires_grad else t
+
+
+def _differentiate(output: Tensor, leaves: list[Tensor]) -> list[Tensor]:
+    """``d output / d leaf`` for every leaf by one ``torch.autograd.grad`` (no ``create_graph``; the
+    graph is freed as the backward goes); zeros for leaves ``output`` does not depend on."""
+    if not (leaves and output.requires_grad):
+        return [torch.zeros_like(t) for t in leaves]
+    grads = list(torch.autograd.grad(output, leaves, allow_unused=True))
+    for i, g in enumerate(grads):
+        if g is None:
+            grads[i] = torch.zeros_like(leaves[i])
+    return grads
+
+
+def _assemble(argnums: Argnums, has_aux: bool, rebuilds, grads: list[Tensor], value: Tensor, aux: Any, originals: dict[int, Tensor]) -> Any:
+    """``torch.func``'s return structure: ``(grads, value)`` or ``(grads, (value, aux))``, nothing attached to a graph."""
+    per_arg, start = [], 0
+    for n, rebuild in rebuilds:
+        per_arg.append(rebuild(grads[start:start + n]))
+        start += n
+    grad_input = per_arg[0] if isinstance(argnums, int) else tuple(per_arg)
+    value = _release(value, originals)
+    if has_aux:
+        return grad_input, (value, pytree.tree_map(lambda t: _release(t, originals), aux))
+    return grad_input, value
+
+
+def _autograd_route(api: str, func: Callable[..., Any], argnums: Argnums, has_aux: bool, args: tuple, kwargs: dict) -> Any:
+    """Fresh leaves, ``f`` under ``enable_grad``, one ``torch.autograd.grad`` without ``create_graph``."""
+    positions = _positions(api, argnums, len(args))
+    with torch.enable_grad():
+        new_args, leaves, rebuilds, originals = _fresh_leaves(api, args, positions)
+        _NESTING.depth = getattr(_NESTING, "depth", 0) + 1
+        try:
+            output, aux = _check_output(api, has_aux, func(*new_args, **kwargs))
+        finally:
+            _NESTING.depth -= 1
+        grads = _differentiate(output, leaves)
+    return _assemble(argnums, has_aux, rebuilds, grads, output, aux, originals)
+
+
+def _func_route(api: str, func: Callable[..., Any], argnums: Argnums, has_aux: bool, args: tuple, kwargs: dict) -> Any:
+    """``torch.func.grad_and_value`` (inside a transform, a nested gradient, inference mode, compiling)."""
+    positions = _positions(api, argnums, len(args))
+    _check_inputs(api, args, positions)
+    inner = torch.func.grad_and_value(_checked(api, func, has_aux), argnums, has_aux)
+    if torch.compiler.is_compiling() and _outermost():
+        # compiling the outermost gradient: record nothing for an outer backward, so the compiled
+        # graph is an inference graph that computes the gradient (torch.func re-enables grad inside)
+        with torch.no_grad():
+            return inner(*args, **kwargs)
+    return inner(*args, **kwargs)
+
+
+def _route(api: str, func: Callable[..., Any], argnums: Argnums, has_aux: bool, args: tuple, kwargs: dict) -> Any:
+    if _autograd_ok():
+        return _autograd_route(api, func, argnums, has_aux, args, kwargs)
+    return _func_route(api, func, argnums, has_aux, args, kwargs)
+
+
+def grad_and_value(func: Callable[..., Any], argnums: Argnums = 0, has_aux: bool = False) -> Callable[..., Any]:
+    """``(gradients, value)`` of scalar ``func`` with respect to the inputs ``argnums``, as
+    :func:`torch.func.grad_and_value`, computed by ``torch.autograd.grad`` at the top level.
+
+    ``func(*args, **kwargs)`` returns a scalar tensor, or ``(scalar, aux)`` when ``has_aux``
+    (``aux`` a pytree of tensors). ``argnums`` is an int or a tuple of ints; each
+    differentiated argument is a pytree (dict, tuple, list, namedtuple or a node registered
+    with ``torch.utils._pytree``) of floating-point or complex tensors, and its gradient has
+    the same structure and shapes. Returns ``(grads, value)``, or ``(grads, (value, aux))``
+    with ``has_aux``; ``grads`` is one tree for an int ``argnums`` and a tuple of trees for a
+    tuple. Gradients of inputs ``func`` does not use are zeros. Works under ``no_grad``.
+
+    >>> import torch, pfunc as pf
+    >>> def loss(p, state, x):
+    ...     y = p["w"] * x + state["shift"]
+    ...     return y.pow(2).sum(), {"shift": state["shift"] + 1}      # state rides as aux
+    >>> p, state = {"w": torch.tensor(2.0)}, {"shift": torch.tensor(1.0)}
+    >>> grads, (value, new_state) = pf.grad_and_value(loss, has_aux=True)(p, state, torch.tensor(3.0))
+    >>> grads, value, new_state
+    ({'w': tensor(42.)}, tensor(49.), {'shift': tensor(2.)})
+    """
+    api = "pf.grad_and_value(f)(*args)"
+    _check_argnums(api, argnums)
+
+    @functools.wraps(func, updated=())
+    def grad_and_value_f(*args: Any, **kwargs: Any) -> Any:
+        return _route(api, func, argnums, has_aux, args, kwargs)
+
+    return grad_and_value_f
+
+
+def grad(func: Callable[..., Any], argnums: Argnums = 0, has_aux: bool = False) -> Callable[..., Any]:
+    """Gradients of scalar ``func`` with respect to the inputs ``argnums``, as
+    :func:`torch.func.grad`: ``grads``, or ``(grads, aux)`` with ``has_aux``.
+
+    See :func:`grad_and_value` for the arguments and the structure of ``grads``; this
+    drops the value. Nests and composes like ``torch.func.grad``:
+
+    >>> import torch, pfunc as pf
+    >>> x = torch.tensor(0.5)
+    >>> bool(torch.allclose(pf.grad(pf.grad(torch.sin))(x), -torch.sin(x)))   # second derivative
+    True
+    >>> xs = torch.tensor([0.0, 1.0, 2.0])
+    >>> torch.func.vmap(pf.grad(lambda t: t ** 3))(xs)                        # per-sample
+    tensor([ 0.,  3., 12.])
+    """
+    api = "pf.grad(f)(*args)"
+    _check_argnums(api, argnums)
+
+    @functools.wraps(func, updated=())
+    def grad_f(*args: Any, **kwargs: Any) -> Any:
+        grads, rest = _route(api, func, argnums, has_aux, args, kwargs)
+        return (grads, rest[1]) if has_aux else grads
+
+    return grad_f
+
+
+def _summed_member_route(
+    api: str,
+    fn: Callable[..., Any],
+    argnums: Argnums,
+    has_aux: bool,
+    in_dims: Any,
+    randomness: str,
+    args: tuple,
+    kwargs: dict,
+) -> Any:
+    """``vmap(grad_and_value(fn))`` as one vmapped forward and one ``torch.autograd.grad`` of the
+    summed member values at the top level; ``vmap(torch.func.grad_and_value(fn))`` elsewhere."""
+    positions = _positions(api, argnums, len(args))
+    if isinstance(in_dims, tuple):
+        if len(in_dims) != len(args):
+            raise ValueError(f"{api}: in_dims has {len(in_dims)} entries for {len(args)} positional inputs")
+        dims = in_dims
+    else:
+        dims = (in_dims,) * len(args)
+    for p in positions:
+        if not (isinstance(dims[p], int) and not isinstance(dims[p], bool) and dims[p] == 0):
+            raise ValueError(
+                f"{api}: in_dims[{p}] is {dims[p]!r}, but argument {p} is differentiated (argnums={argnums}): "
+                "a differentiated argument must be stacked along dim 0, one slice per member"
+            )
+    if not _autograd_ok():
+        per_member = torch.func.vmap(grad_and_value(fn, argnums, has_aux), in_dims=in_dims, randomness=randomness)
+        if torch.compiler.is_compiling() and _outermost():
+            with torch.no_grad():  # as in _func_route: an inference graph that computes the gradient
+                return per_member(*args, **kwargs)
+        return per_member(*args, **kwargs)
+    with torch.enable_grad():
+        new_args, leaves, rebuilds, originals = _fresh_leaves(api, args, positions)
+        out = torch.func.vmap(_checked(api, fn, has_aux), in_dims=in_dims, randomness=randomness)(*new_args, **kwargs)
+        values, aux = out if has_aux else (out, None)
+        # member k's value reads only member k's slice (vmap), so d(sum)/d(slice k) = d value_k / d slice k
+        grads = _differentiate(values.sum(), leaves)
+    return _assemble(argnums, has_aux, rebuilds, grads, values, aux, originals)
