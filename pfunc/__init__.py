@@ -13,6 +13,7 @@ from . import ensemble, parametrizations, power, spectral, tree
 from . import distributed
 from .spectral import singular_values, spectral_norm_spec
 from .chain import Chain, Step, as_step
+from .grad import grad, grad_and_value  # the functions; the module stays importable as pfunc.grad via sys.modules
 from .interop import from_torch, split_state_dict, to_torch
 from .parametrize import Parametrized, is_parametrized, parametrize
 
@@ -34,6 +35,8 @@ __all__ = [
     "ParametrizationList",
     "Step",
     "as_step",
+    "grad",
+    "grad_and_value",
     "from_torch",
     "to_torch",
     "split_state_dict",
