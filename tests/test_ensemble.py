@@ -77,3 +77,107 @@ def test_empty_generators_is_a_clear_error():
         pf.ensemble.init(_net(), [])
     with pytest.raises(ValueError, match="n must be positive"):
         pf.ensemble.generators(0, 0)
+
+
+# ---------------------------------------------------------------- pf.ensemble.grad_and_value
+def _members_loss(net):
+    def loss(p, s, x, y):
+        out, s = net(p, s, x, training=True)
+        return (out - y).pow(2).mean(), s
+
+    return loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_summed_member_gradients_equal_vmapped_torch_func_member_by_member_with_spectral_norm_in_training(dtype):
+    net = pf.parametrize(_net().module.to(dtype), {"0.weight": SpectralNorm(), "2.weight": Orthogonal(), "4.weight": WeightNorm()})
+    params, state = pf.ensemble.init(net, pf.ensemble.generators(seed=3, n=4))
+    g = torch.Generator().manual_seed(1)
+    x, ys = torch.randn(8, 4, generator=g, dtype=dtype), torch.randn(4, 8, 2, generator=g, dtype=dtype)
+    loss = _members_loss(net)
+    in_dims = (0, 0, None, 0)
+    grads, (values, new_state) = pf.ensemble.grad_and_value(loss, has_aux=True, in_dims=in_dims)(params, state, x, ys)
+    ref_grads, (ref_values, ref_state) = torch.func.vmap(torch.func.grad_and_value(loss, has_aux=True), in_dims=in_dims)(
+        {k: v.detach() for k, v in params.items()}, state, x, ys
+    )
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    assert values.shape == (4,) and not values.requires_grad
+    for k in range(4):  # member by member, and against member k run alone
+        solo_grads, (solo_value, solo_state) = torch.func.grad_and_value(loss, has_aux=True)(
+            pf.ensemble.member(params, k), pf.ensemble.member(state, k), x, ys[k]
+        )
+        torch.testing.assert_close(values[k], ref_values[k], **tol)
+        torch.testing.assert_close(values[k], solo_value, **tol)
+        for name in params:
+            torch.testing.assert_close(grads[name][k], ref_grads[name][k], **tol)
+            torch.testing.assert_close(grads[name][k], solo_grads[name], **tol)
+        for name in state:
+            torch.testing.assert_close(new_state[name][k], ref_state[name][k], **tol)
+            torch.testing.assert_close(new_state[name][k], solo_state[name], **tol)
+    assert not torch.equal(new_state["0.parametrizations.weight.0._u"], state["0.parametrizations.weight.0._u"])
+    assert all(p.grad is None for p in params.values())
+
+
+def test_summed_member_route_takes_one_backward_without_create_graph():
+    seen = []
+
+    class Identity(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x):
+            return x.clone()
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(torch.is_grad_enabled())
+            return g
+
+    f = lambda w, x: (Identity.apply(w) * x).sum()  # noqa: E731
+    ws, xs = torch.randn(5, 3), torch.randn(5, 3)
+    grads, values = pf.ensemble.grad_and_value(f)(ws, xs)
+    assert seen == [False]  # one backward for all 5 members, no create_graph
+    assert torch.equal(grads, xs) and torch.equal(values, (ws * xs).sum(-1))
+    seen.clear()
+    torch.func.vmap(torch.func.grad(f))(ws, xs)
+    assert seen == [True]
+
+
+def test_a_differentiated_argument_shared_by_all_members_is_refused():
+    f = lambda w, x: (w * x).sum()  # noqa: E731
+    with pytest.raises(ValueError, match=r"in_dims\[0\] is None, but argument 0 is differentiated"):
+        pf.ensemble.grad_and_value(f, in_dims=(None, 0))(torch.randn(3), torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"in_dims has 1 entries for 2 positional inputs"):
+        pf.ensemble.grad_and_value(f, in_dims=(0,))(torch.randn(4, 3), torch.randn(4, 3))
+    with pytest.raises(RuntimeError, match=r"expected f\(\*args\) to return a scalar Tensor"):
+        pf.ensemble.grad_and_value(lambda w: w * 2)(torch.randn(4, 3))
+
+
+def test_summed_member_route_nests_inside_torch_func_as_the_vmapped_route():
+    f = lambda w, x: (w.sin() * x).sum()  # noqa: E731
+    ws, xs = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    outer = lambda w: pf.ensemble.grad_and_value(f)(w, xs)[0].pow(2).sum()  # noqa: E731
+    expected = torch.func.grad(lambda w: torch.func.vmap(torch.func.grad(f))(w, xs).pow(2).sum())(ws)
+    torch.testing.assert_close(torch.func.grad(outer)(ws), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pf.grad(outer)(ws), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.compile
+def test_summed_member_route_compiles_without_graph_breaks():
+    net = _net()
+    params, state = pf.ensemble.init(net, pf.ensemble.generators(seed=0, n=3))
+    x, ys = torch.randn(8, 4), torch.randn(3, 8, 2)
+    step = pf.ensemble.grad_and_value(_members_loss(net), has_aux=True, in_dims=(0, 0, None, 0))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(step)(params, state, x, ys)
+    assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
+    torch._dynamo.reset()
+    got = torch.compile(step, backend="aot_eager")(params, state, x, ys)
+    expected = step(params, state, x, ys)
+    for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
