@@ -21,9 +21,27 @@ import torch
 __all__ = ["ArgumentParser", "device", "positive_int", "non_negative_int", "seed", "finite_float", "positive_float", "non_negative_float", "unit_interval"]
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Each flag's help ends with its default, unless the help already speaks of one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.default is None or action.default is False
+                or action.default is argparse.SUPPRESS or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose errors are two lines (the error and where the help is),
-    not the whole usage. Exit status 2, as argparse's."""
+    not the whole usage (exit status 2, as argparse's), and whose help shows each flag's default.
+    A description in reStructuredText (````code````) is shown with single backticks."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpWithDefaults)
+        if isinstance(kwargs.get("description"), str):
+            kwargs["description"] = kwargs["description"].replace("``", "`")
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")

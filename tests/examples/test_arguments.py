@@ -51,3 +51,17 @@ def test_parser_errors_are_two_lines_not_the_whole_usage(capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines() == ["prog: error: argument --flag-3: must be at least 1, got 0",
                                                     "(see prog --help)"]
+
+
+def test_help_shows_each_default_once_and_plain_backticks(capsys):
+    p = A.ArgumentParser(prog="prog", description="Trains with ``torch.func``.")
+    p.add_argument("--seed", type=A.seed, default=0, help="the seed")
+    p.add_argument("--lr", type=A.positive_float, default=3e-3, help="learning rate (default 3e-3 for Adam)")
+    p.add_argument("--steps", type=A.positive_int, default=None, help="steps (default per data set)")
+    p.add_argument("--flag", action="store_true", help="a switch")
+    with pytest.raises(SystemExit):
+        p.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Trains with `torch.func`." in out
+    assert "the seed (default: 0)" in out and "a switch --" not in out and "a switch (default" not in out
+    assert out.count("default") == 3  # seed's, and the two the helps already state
