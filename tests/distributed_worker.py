@@ -263,8 +263,10 @@ def scenario_bad_input(name: str) -> None:
 def scenario_stall(name: str) -> None:
     """Rank 1 stops taking part (alive, silent); rank 0's all-reduce must fail by the timeout."""
     pf.distributed.all_reduce({"w": torch.ones(4)})
-    if RANK == 1:
-        time.sleep(TIMEOUT_S + 8)
+    if RANK == 1:  # silent but alive (its sockets open) until rank 0 has reported
+        deadline = time.monotonic() + TIMEOUT_S + 30
+        while not os.path.exists(os.path.join(OUT, f"{name}.0.pt")) and time.monotonic() < deadline:
+            time.sleep(0.05)
         os._exit(0)
     start = time.monotonic()
     message = error_of(lambda: pf.distributed.all_reduce({"w": torch.ones(1000)}))
