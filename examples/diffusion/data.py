@@ -4,8 +4,8 @@
 cross, ring) of random size, position and brightness (grayscale) or colour (RGB) on
 a black background, deterministically from a ``torch.Generator``. The labels feed
 the sample-quality judge (:mod:`.quality`). :func:`load_image_folder` reads every
-image in a folder (PNG with the built-in decoder; other formats when pillow is
-installed), centre-crops and resizes them.
+image in a folder with Pillow (any format it reads), refusing malformed files and
+decompression bombs by name, and centre-crops and resizes them.
 
 >>> import torch
 >>> x, y = draw_shapes(4, image_size=16, channels=1, generator=torch.Generator().manual_seed(0))
@@ -16,19 +16,29 @@ installed), centre-crops and resizes them.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
-from typing import Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
-from .png import read_png
-
-__all__ = ["SHAPES", "draw_shapes", "load_image_folder", "IMAGE_EXTENSIONS", "BatchOrder"]
+__all__ = [
+    "SHAPES",
+    "draw_shapes",
+    "BadImageError",
+    "image_extensions",
+    "pixel_limit",
+    "read_image",
+    "list_image_files",
+    "ImageFolder",
+    "load_image_folder",
+    "BatchOrder",
+]
 
 SHAPES = ("disk", "square", "triangle", "cross", "ring")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
@@ -108,67 +118,163 @@ def draw_shapes(
 
 
 # ------------------------------------------------------------------------------ a folder of images
-def _read_image(path: Path) -> Tensor:
-    """``[C, H, W]`` float in [0, 1] (C = 1, 2, 3 or 4 as stored)."""
-    if path.suffix.lower() == ".png":
-        return read_png(path)
+DEFAULT_PIXEL_LIMIT = 89_478_485  # Pillow's own default Image.MAX_IMAGE_PIXELS (a 0.25 GB 8-bit RGB image)
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be used; the message names the file and says why."""
+
+
+# formats Pillow only identifies: decoding them needs a handler installed by the application (or Windows)
+_IDENTIFY_ONLY = frozenset({"BUFR", "GRIB", "HDF5", "MPEG", "WMF"})
+
+
+def image_extensions() -> tuple[str, ...]:
+    """The file extensions of every format this Pillow can read (``.png``, ``.jpg``, ``.webp``, ``.tif`` ...)."""
+    Image.init()
+    return tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN and fmt not in _IDENTIFY_ONLY))
+
+
+def pixel_limit() -> int:
+    """The largest image, in pixels, that is decoded: Pillow's decompression-bomb limit, never off."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return DEFAULT_PIXEL_LIMIT if limit is None else int(limit)
+
+
+def _png_palette_problem(im: "Image.Image") -> Optional[str]:
+    """Why a (loaded) palette PNG is malformed: a PLTE that is not whole RGB entries, or a pixel past its end."""
+    raw = im.palette.palette if im.palette is not None else b""
+    if len(raw) % 3:
+        return f"its palette (PLTE) holds {len(raw)} bytes, not a whole number of RGB entries (a short palette)"
+    entries = len(raw) // 3
+    highest = im.getextrema()[1]
+    if highest >= entries:
+        return f"a pixel uses palette index {highest}, past the end of its {entries}-entry palette"
+    return None
+
+
+def _to_mode(im: "Image.Image", channels: int) -> "Image.Image":
+    """``im`` as 8-bit ``L`` (``channels`` 1) or ``RGB`` (3); alpha is dropped, 16-bit values scaled to 8 bits."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        im = im.convert("I").point(lambda v: v * (1 / 257)).convert("L")  # 16-bit gray: 65535 -> 255
+    return im.convert("L" if channels == 1 else "RGB")
+
+
+def read_image(path: Union[str, os.PathLike], image_size: int, channels: int) -> Tensor:
+    """The image at ``path`` centre-cropped to a square and resized to ``image_size``:
+    ``[channels, image_size, image_size]`` float in ``[0, 1]``.
+
+    Read with Pillow (any format it reads). Refused with a :class:`BadImageError` naming the
+    file: a declared size over :func:`pixel_limit` (checked from the header, before any pixel
+    is decoded), a file Pillow cannot identify or decode, a truncated file, a PNG whose chunk
+    CRCs do not match (``verify``), a palette PNG with a short palette or a pixel past its
+    palette. Memory: JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) still at least
+    ``image_size`` (``Image.draft``); the crop and resize run in Pillow on 8-bit pixels (reducing
+    in integer steps first), so only the ``image_size`` result becomes a float tensor.
+    """
+    path = Path(path)
+    limit = pixel_limit()
     try:
-        from PIL import Image  # optional: only for formats the built-in PNG decoder does not read
-    except ImportError:
-        raise ValueError(
-            f"cannot read {path}: only PNG is built in; install pillow for {path.suffix} files or convert them to PNG"
-        ) from None
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-        return data.reshape(im.height, im.width, 3).permute(2, 0, 1).float() / 255.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                if width * height > limit:
+                    raise BadImageError(f"{path} declares {width}x{height} pixels, over the decompression-bomb limit of {limit}")
+                if width < 1 or height < 1:
+                    raise BadImageError(f"{path} declares an empty image ({width}x{height})")
+                fmt = im.format
+                if fmt == "PNG":
+                    im.verify()  # every chunk's CRC and the structure, without decoding
+            with Image.open(path) as im:
+                side = min(width, height)
+                if fmt == "JPEG":
+                    im.draft("L" if channels == 1 else "RGB", (-(-image_size * width // side), -(-image_size * height // side)))
+                im.load()
+                if fmt == "PNG" and im.mode == "P":
+                    problem = _png_palette_problem(im)
+                    if problem:
+                        raise BadImageError(f"{path}: {problem}")
+                im = _to_mode(im, channels)
+                w, h = im.size  # after draft
+                s = min(w, h)
+                left, top = (w - s) / 2, (h - s) / 2
+                im = im.resize((image_size, image_size), Image.Resampling.BICUBIC, box=(left, top, left + s, top + s), reducing_gap=2.0)
+                data = bytearray(im.tobytes())
+    except BadImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImageError(f"{path} is refused before decoding, a possible decompression bomb: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise BadImageError(f"{path} is not an image Pillow can read (unknown format, or its header is damaged)") from None
+    except MemoryError:
+        raise BadImageError(f"{path} needs more memory to decode than this machine has") from None
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, struct.error ... on bad files
+        raise BadImageError(f"{path} cannot be decoded: {e or type(e).__name__}") from None
+    x = torch.frombuffer(data, dtype=torch.uint8).reshape(image_size, image_size, channels)
+    return x.permute(2, 0, 1).float() / 255.0
 
 
-def _to_channels(img: Tensor, channels: int) -> Tensor:
-    c = img.shape[0]
-    if c in (2, 4):  # drop alpha
-        img, c = img[: c - 1], c - 1
-    if c == channels:
-        return img
-    if channels == 3:
-        return img.expand(3, *img.shape[1:])
-    weights = torch.tensor([0.299, 0.587, 0.114])[:, None, None]  # ITU-R 601 luma
-    return (img * weights).sum(0, keepdim=True)
+class ImageFolder(NamedTuple):
+    """:func:`load_image_folder`'s result: the images, and the files skipped with their reasons."""
+
+    images: Tensor
+    skipped: list[str]
 
 
-def _center_crop_resize(img: Tensor, size: int) -> Tensor:
-    _, h, w = img.shape
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    img = img[:, top : top + s, left : left + s]
-    if s != size:
-        img = F.interpolate(img[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-    return img.clamp(0, 1)
+def list_image_files(path: Union[str, os.PathLike]) -> list[Path]:
+    """Every file under ``path`` (recursively, not following links to folders, sorted) whose extension Pillow reads."""
+    exts = set(image_extensions())
+    files = []
+    for folder, _, names in os.walk(path):
+        for name in names:
+            f = Path(folder) / name
+            if f.suffix.lower() in exts and f.is_file():
+                files.append(f)
+    return sorted(files)
 
 
-def load_image_folder(path: Union[str, os.PathLike], image_size: int, channels: int) -> Tensor:
-    """Every image under ``path`` (recursively, sorted by path), centre-cropped to a square and
-    resized to ``image_size``, as ``[N, channels, image_size, image_size]`` in ``[0, 1]``.
+def load_image_folder(
+    path: Union[str, os.PathLike],
+    image_size: int,
+    channels: int,
+    *,
+    skip_bad: bool = False,
+    on_file: Optional[Callable[[], None]] = None,
+) -> ImageFolder:
+    """Every image under ``path`` (:func:`list_image_files`) read by :func:`read_image`:
+    ``images [N, channels, image_size, image_size]`` in ``[0, 1]``.
 
-    Raises ``FileNotFoundError`` when ``path`` is not a folder, ``ValueError`` when it
-    holds no images or a file cannot be decoded (naming the file).
+    A file that cannot be used is a :class:`BadImageError` naming it; with ``skip_bad`` it is
+    left out instead and its message listed in ``skipped``. ``FileNotFoundError`` when ``path``
+    is not a folder; ``ValueError`` when it holds no (usable) images. ``on_file()`` is called
+    after each file (a progress display).
     """
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"--data-dir: {str(path)!r} is not a folder")
     if channels not in (1, 3):
         raise ValueError(f"load_image_folder: channels must be 1 or 3, got {channels}")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"load_image_folder: image_size must be a positive integer, got {image_size!r}")
+    files = list_image_files(root)
     if not files:
-        raise ValueError(f"--data-dir: no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(path)!r}")
+        raise ValueError(f"--data-dir: no images (files ending in {', '.join(image_extensions()[:8])} ...) under {str(path)!r}")
     out = torch.empty(len(files), channels, image_size, image_size)
-    for i, f in enumerate(files):
+    kept, skipped = 0, []
+    for f in files:
         try:
-            img = _read_image(f)
-        except ValueError as e:
-            raise ValueError(f"--data-dir: cannot decode {f}: {e}") from None
-        out[i] = _center_crop_resize(_to_channels(img, channels), image_size)
-    return out
+            out[kept] = read_image(f, image_size, channels)
+            kept += 1
+        except BadImageError as e:
+            if not skip_bad:
+                raise
+            skipped.append(str(e))
+        if on_file is not None:
+            on_file()
+    if kept == 0:
+        raise ValueError(f"--data-dir: none of the {len(files)} image files under {str(path)!r} could be read (first: {skipped[0]})")
+    return ImageFolder(out[:kept].clone() if kept < len(files) else out, skipped)
 
 
 # ------------------------------------------------------------------------------ batch order

@@ -1,15 +1,27 @@
-"""Training data: the embedded shapes, the stdlib PNG decoder (against pillow-written files and our
-own writer), folders of images, and the resumable batch order."""
+"""Training data: the embedded shapes; folders of images read with Pillow (every format it reads, the
+decompression-bomb limit, malformed PNGs refused by name or skipped, reduced-scale decoding); and the
+resumable batch order. Every image file is written by Pillow; malformed ones are Pillow-written PNGs
+with bytes changed."""
 
+import io
+import resource
 import struct
 import zlib
 
 import pytest
 import torch
+from PIL import Image
 
-from examples.diffusion.data import SHAPES, BatchOrder, draw_shapes, load_image_folder
-from examples.diffusion.png import read_png
-from examples.plotting import save_image_grid
+from examples.diffusion.data import (
+    SHAPES,
+    BadImageError,
+    BatchOrder,
+    draw_shapes,
+    image_extensions,
+    load_image_folder,
+    pixel_limit,
+    read_image,
+)
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -40,100 +52,193 @@ def test_bad_shape_arguments_are_refused():
         draw_shapes(2, 2, 1, torch.Generator())
 
 
-def _png_bytes(width, height, color_type, rows, depth=8, palette=None, filters=None):
-    raw = b"".join(bytes([filters[i] if filters else 0]) + r for i, r in enumerate(rows))
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0))
-    if palette:
-        out += chunk(b"PLTE", palette)
-    return out + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+# ------------------------------------------------------------------------------ image folders, read with Pillow
+def _save(path, pixels, mode="RGB", **kw):
+    """Write ``pixels`` ([H, W, C] or [H, W] uint8) with Pillow, in the format of ``path``'s extension."""
+    Image.fromarray(pixels.numpy(), mode=None).convert(mode).save(path, **kw)
+    return path
 
 
-def test_png_reader_handles_gray_palette_alpha_and_16_bit(tmp_path):
-    p = tmp_path / "g.png"
-    p.write_bytes(_png_bytes(2, 1, 0, [bytes([0, 255])]))
-    assert read_png(p).tolist() == [[[0.0, 1.0]]]
-    p.write_bytes(_png_bytes(2, 1, 3, [bytes([1, 0])], palette=bytes([10, 20, 30, 255, 0, 0])))
-    assert (read_png(p) * 255).round().tolist() == [[[255, 10]], [[0, 20]], [[0, 30]]]
-    p.write_bytes(_png_bytes(1, 1, 6, [bytes([255, 0, 0, 128])]))
-    assert read_png(p).shape == (4, 1, 1)
-    p.write_bytes(_png_bytes(1, 1, 0, [bytes([0x80, 0x01])], depth=16))
-    assert read_png(p).item() == pytest.approx(128 / 255)
+def _pattern(h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(h, w), mode="bilinear")[0]
+    return (smooth * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
 
 
-def test_png_reader_undoes_every_filter_type(tmp_path):
-    # the same 3x4 RGB image encoded with each filter on each row, decoded by hand-written encoders
-    torch.manual_seed(0)
-    img = torch.randint(0, 256, (4, 3 * 3), dtype=torch.int64)
-    bpp = 3
-    rows, prev = [], torch.zeros(9, dtype=torch.int64)
-    for y, ftype in enumerate([1, 2, 3, 4]):
-        line = img[y]
-        left = torch.cat([torch.zeros(bpp, dtype=torch.int64), line[:-bpp]])
-        up_left = torch.cat([torch.zeros(bpp, dtype=torch.int64), prev[:-bpp]])
-        if ftype == 1:
-            pred = left
-        elif ftype == 2:
-            pred = prev
-        elif ftype == 3:
-            pred = (left + prev) // 2
-        else:
-            p = left + prev - up_left
-            pa, pb, pc = (p - left).abs(), (p - prev).abs(), (p - up_left).abs()
-            pred = torch.where((pa <= pb) & (pa <= pc), left, torch.where(pb <= pc, prev, up_left))
-        rows.append(bytes(((line - pred) % 256).tolist()))
-        prev = line
-    path = tmp_path / "f.png"
-    path.write_bytes(_png_bytes(3, 4, 2, rows, filters=[1, 2, 3, 4]))
-    got = (read_png(path) * 255).round().long()  # [3, 4, 3]
-    assert torch.equal(got.permute(1, 2, 0).reshape(4, 9), img)
+def _png_bytes(image: "Image.Image") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
 
 
-def test_png_reader_round_trips_our_writer_and_refuses_garbage(tmp_path):
-    images = torch.rand(4, 3, 5, 7)
-    save_image_grid(tmp_path / "g.png", images, nrow=2, padding=0)
-    back = read_png(tmp_path / "g.png")
-    torch.testing.assert_close(back[:, :5, :7], images[0], atol=0.5 / 255 + 1e-6, rtol=0)
-    (tmp_path / "bad.png").write_bytes(b"not a png at all")
-    with pytest.raises(ValueError, match="not a PNG"):
-        read_png(tmp_path / "bad.png")
-    blob = (tmp_path / "g.png").read_bytes()
-    (tmp_path / "cut.png").write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(ValueError, match="truncated|corrupt"):
-        read_png(tmp_path / "cut.png")
+def _chunks(blob: bytes):
+    """``[(type, offset, length)]`` of a PNG's chunks."""
+    out, i = [], 8
+    while i < len(blob):
+        (n,) = struct.unpack(">I", blob[i : i + 4])
+        out.append((blob[i + 4 : i + 8], i, n))
+        i += 12 + n
+    return out
 
 
-def test_png_reader_matches_pillow_on_its_filtered_files(tmp_path):
-    Image = pytest.importorskip("PIL.Image")
-    g = torch.Generator().manual_seed(0)
-    smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 6, generator=g), size=(23, 31), mode="bilinear")[0]
-    arr = (smooth * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
-    im = Image.frombytes("RGB", (31, 23), bytes(arr.flatten().tolist()))
-    for mode in ("RGB", "L", "RGBA", "P"):
-        im.convert(mode).save(tmp_path / f"{mode}.png", optimize=True)
-        ours = read_png(tmp_path / f"{mode}.png")
-        ref = Image.open(tmp_path / f"{mode}.png").convert("RGBA" if mode == "RGBA" else ("L" if mode == "L" else "RGB"))
-        ref_t = torch.tensor(list(ref.tobytes()), dtype=torch.float32).reshape(23, 31, -1).permute(2, 0, 1) / 255
-        assert torch.equal(ours, ref_t), mode
+def _with_chunk(blob: bytes, kind: bytes, data: bytes) -> bytes:
+    """``blob`` with chunk ``kind``'s data replaced by ``data`` (its CRC recomputed: only the content is wrong)."""
+    out = blob[:8]
+    for k, i, n in _chunks(blob):
+        out += struct.pack(">I", len(data)) + k + data + struct.pack(">I", zlib.crc32(k + data)) if k == kind else blob[i : i + 12 + n]
+    return out
+
+
+def _palette_png() -> bytes:
+    im = Image.new("P", (8, 8), 0)
+    im.putpalette([10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120])
+    im.putpixel((1, 1), 3)
+    return _png_bytes(im)
+
+
+def _malformed(kind: str) -> bytes:
+    """A Pillow-written PNG with the damage ``kind``, made by changing its bytes."""
+    good = _png_bytes(Image.new("RGB", (8, 8), (200, 10, 10)))
+    if kind == "short IHDR":
+        _, i, n = _chunks(good)[0]
+        return _with_chunk(good, b"IHDR", good[i + 8 : i + 8 + 9])
+    if kind == "bad CRC":
+        blob = bytearray(good)
+        _, i, n = next(c for c in _chunks(good) if c[0] == b"IDAT")
+        blob[i + 8 + n] ^= 0x01
+        return bytes(blob)
+    pal = _palette_png()
+    _, i, n = next(c for c in _chunks(pal) if c[0] == b"PLTE")
+    if kind == "short palette":
+        return _with_chunk(pal, b"PLTE", pal[i + 8 : i + 8 + 5])
+    if kind == "index past the palette":
+        return _with_chunk(pal, b"PLTE", pal[i + 8 : i + 8 + 6])
+    if kind == "truncated":
+        return good[: len(good) - 20]
+    if kind == "not an image":
+        return b"GIF89a but not really"
+    raise ValueError(kind)
+
+
+def _huge_declared() -> bytes:
+    """A real 1.6 MB PNG of 4000x400 pixels whose IHDR (CRC fixed) declares 40000x40000."""
+    rng = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, (400, 4000), dtype=torch.uint8, generator=rng)
+    blob = bytearray(_png_bytes(Image.fromarray(noise.numpy(), mode="L")))
+    _, i, n = _chunks(bytes(blob))[0]
+    blob[i + 8 : i + 16] = struct.pack(">II", 40000, 40000)
+    blob[i + 8 + n : i + 12 + n] = struct.pack(">I", zlib.crc32(bytes(blob[i + 4 : i + 8 + n])))
+    return bytes(blob)
+
+
+@pytest.mark.parametrize("ext, mode", [(".png", "RGB"), (".png", "L"), (".png", "RGBA"), (".png", "P"), (".bmp", "RGB"),
+                                        (".gif", "P"), (".tiff", "RGB"), (".webp", "RGB"), (".jpg", "RGB")])
+def test_every_pillow_format_reads_centre_cropped_resized_and_in_range(tmp_path, ext, mode):
+    pixels = _pattern(24, 36)
+    path = _save(tmp_path / f"x{ext}", pixels, mode, **({"lossless": True} if ext == ".webp" else {}))
+    x = read_image(path, 12, 3)
+    assert x.shape == (3, 12, 12) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    with Image.open(path) as im:   # what Pillow itself gives for the centre square, resized
+        ref = im.convert("RGB").resize((12, 12), Image.Resampling.BICUBIC, box=(6, 0, 30, 24))
+    expected = torch.frombuffer(bytearray(ref.tobytes()), dtype=torch.uint8).reshape(12, 12, 3).permute(2, 0, 1) / 255
+    tolerance = 0.1 if ext == ".jpg" else 1.5 / 255      # JPEG: draft (DCT-scaled) decoding may differ a little
+    torch.testing.assert_close(x, expected.float(), atol=tolerance, rtol=0)
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    Image.new("I;16", (4, 4), 65535).save(tmp_path / "white.png")
+    Image.new("I;16", (4, 4), 32896).save(tmp_path / "mid.png")
+    assert read_image(tmp_path / "white.png", 4, 1).eq(1).all()
+    torch.testing.assert_close(read_image(tmp_path / "mid.png", 4, 1), torch.full((1, 4, 4), 128 / 255))
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("short IHDR", "Truncated IHDR"),
+    ("bad CRC", "bad header checksum"),
+    ("short palette", "holds 5 bytes, not a whole number of RGB entries"),
+    ("index past the palette", "palette index 3, past the end of its 2-entry palette"),
+    ("truncated", "cannot be decoded"),
+    ("not an image", "not an image Pillow can read"),
+])
+def test_malformed_png_files_are_refused_naming_the_file(tmp_path, kind, message):
+    path = tmp_path / "bad.png"
+    path.write_bytes(_malformed(kind))
+    with pytest.raises(BadImageError) as e:
+        read_image(path, 8, 3)
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_a_file_declaring_40000_by_40000_pixels_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_huge_declared())
+    assert 1_000_000 < path.stat().st_size < 2_000_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(BadImageError, match="refused before decoding, a possible decompression bomb") as e:
+        read_image(path, 8, 3)
+    assert str(path) in str(e.value) and "1600000000 pixels" in str(e.value)
+    # decoding would need 1.6 GB; refusing from the header costs nothing
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB
+
+
+def test_the_decompression_bomb_limit_stays_on_even_if_pillows_is_switched_off(tmp_path, monkeypatch):
+    path = _save(tmp_path / "big.png", torch.zeros(300, 400, dtype=torch.uint8), "L")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)   # 120,000 pixels: over the limit, under twice it
+    with pytest.raises(BadImageError, match="decompression bomb"):
+        read_image(path, 8, 1)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert pixel_limit() == 89_478_485
+    read_image(path, 8, 1)
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path):
+    path = _save(tmp_path / "big.jpg", _pattern(1600, 2400), "RGB", quality=90)
+    seen = []
+    real_load = Image.Image.load
+
+    def load(self):
+        out = real_load(self)
+        seen.append(self.size)
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Image.Image, "load", load)
+        x = read_image(path, 16, 3)
+    assert x.shape == (3, 16, 16)
+    # decoded at 1/8 of 2400x1600 (DCT scaling), not at full size: memory follows the output size
+    assert seen and max(w * h for w, h in seen) <= 300 * 200
+
+
+def test_load_image_folder_refuses_a_bad_file_by_name_or_skips_it_when_asked(tmp_path):
+    _save(tmp_path / "a.png", _pattern(10, 10), "RGB")
+    _save(tmp_path / "b.jpg", _pattern(10, 10, seed=1), "RGB")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.png").write_bytes(_malformed("index past the palette"))
+    (tmp_path / "notes.txt").write_text("not an image, and not named like one: ignored")
+    with pytest.raises(BadImageError, match="c.png: a pixel uses palette index 3"):
+        load_image_folder(tmp_path, 8, 3)
+    images, skipped = load_image_folder(tmp_path, 8, 3, skip_bad=True)
+    assert images.shape == (2, 3, 8, 8) and len(skipped) == 1 and "c.png" in skipped[0]
+    (tmp_path / "a.png").write_bytes(_malformed("bad CRC"))
+    (tmp_path / "b.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="none of the 3 image files"):
+        load_image_folder(tmp_path, 8, 3, skip_bad=True)
 
 
 def test_load_image_folder_crops_resizes_and_converts_channels(tmp_path):
-    save_image_grid(tmp_path / "a.png", torch.ones(1, 3, 20, 30), nrow=1, padding=0)
+    _save(tmp_path / "a.png", torch.full((20, 30, 3), 255, dtype=torch.uint8), "RGB")
     (tmp_path / "sub").mkdir()
-    save_image_grid(tmp_path / "sub" / "b.png", torch.zeros(1, 1, 8, 8), nrow=1, padding=0)
+    _save(tmp_path / "sub" / "b.png", torch.zeros(8, 8, dtype=torch.uint8), "L")
     (tmp_path / "notes.txt").write_text("ignored")
-    x = load_image_folder(tmp_path, 16, 1)
-    assert x.shape == (2, 1, 16, 16)
+    x, skipped = load_image_folder(tmp_path, 16, 1)
+    assert x.shape == (2, 1, 16, 16) and skipped == []
     torch.testing.assert_close(x[0], torch.ones(1, 16, 16))
-    assert load_image_folder(tmp_path, 8, 3).shape == (2, 3, 8, 8)
+    assert load_image_folder(tmp_path, 8, 3).images.shape == (2, 3, 8, 8)
     with pytest.raises(FileNotFoundError, match="not a folder"):
         load_image_folder(tmp_path / "missing", 8, 3)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
         load_image_folder(tmp_path / "empty", 8, 3)
+    assert ".png" in image_extensions() and ".webp" in image_extensions() and ".txt" not in image_extensions()
 
 
 def test_batch_order_covers_each_epoch_once_and_resumes_exactly():
