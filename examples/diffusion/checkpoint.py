@@ -6,8 +6,9 @@ tensors, numbers, strings, ``None`` and lists/tuples/dicts of them, read back wi
 ``torch.load(weights_only=True)`` (no pickled code). The length and digest turn a
 truncated or bit-flipped file into a :class:`CheckpointError` instead of a silent
 restart or garbage weights. Writes go to a temporary file in the same folder,
-are fsynced, then ``os.replace``d over the target: a crash leaves the previous
-checkpoint intact.
+are fsynced, then ``os.replace``d over the target: a crash or a full disk leaves the
+previous checkpoint intact, and a failed write removes its temp file (a killed one's is
+removed by the next save).
 
 >>> import torch, tempfile, os
 >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
@@ -27,7 +28,7 @@ from typing import Any, Union
 
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "MAGIC", "FORMAT_VERSION"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_checkpoint", "stale_temp_files", "MAGIC", "FORMAT_VERSION"]
 
 MAGIC = b"PFUNCCKP"
 FORMAT_VERSION = 1
@@ -54,37 +55,86 @@ def _check_plain(x: Any, where: str) -> None:
     raise TypeError(f"save_checkpoint: {where} is a {type(x).__name__}; only tensors, numbers, strings, None and containers")
 
 
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def stale_temp_files(path: Union[str, os.PathLike]) -> list[Path]:
+    """Temp files a killed save of ``path`` left behind (``.<name>.tmp*`` beside it)."""
+    path = Path(path)
+    try:
+        return sorted(p for p in path.parent.glob(f".{path.name}.tmp*") if p.is_file())
+    except OSError:
+        return []
+
+
 def save_checkpoint(path: Union[str, os.PathLike], payload: dict) -> None:
-    """Write ``payload`` to ``path`` atomically (temp file + fsync + ``os.replace`` + folder fsync)."""
+    """Write ``payload`` to ``path`` atomically (temp file + fsync + ``os.replace`` + folder fsync).
+
+    Temp files of earlier saves that were killed (``.<name>.tmp*``) are removed first. If the
+    write fails (a full disk, a read-only folder, an interrupt) the temp file is removed, the
+    previous checkpoint at ``path`` is left as it was, and (for an ``OSError``) a
+    :class:`CheckpointError` says what happened. ``TypeError`` for a payload that would need
+    pickled code.
+    """
     _check_plain(payload, "payload")
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"cannot write checkpoint {str(path)!r}: a folder is in the way")
     buf = io.BytesIO()
     torch.save(payload, buf)
-    data = buf.getvalue()
+    data = buf.getbuffer()
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(data), hashlib.sha256(data).digest())
-    path = Path(path)
+    for stale in stale_temp_files(path):
+        _remove_quietly(stale)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(header)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    keep = "the previous checkpoint is intact" if path.exists() else "no checkpoint was written"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        reason = e.strerror or str(e)
+        raise CheckpointError(f"could not write checkpoint {str(path)!r}: {reason} (errno {e.errno}); {keep}") from e
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
     try:
         fd = os.open(path.parent, os.O_RDONLY)
     except OSError:  # some platforms cannot open folders
         return
     try:
         os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder; the file itself is on disk
+        pass
     finally:
         os.close(fd)
 
 
 def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> dict:
     """The payload saved at ``path``; :class:`CheckpointError` saying what is wrong otherwise."""
+    return read_checkpoint(path, map_location)[0]
+
+
+def read_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> tuple[dict, str]:
+    """``(payload, sha256)``: :func:`load_checkpoint`'s payload and the hex SHA-256 of the whole file
+    as read (what ``sha256sum`` prints), to record which checkpoint made something."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    blob = path.read_bytes()
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {e.strerror or e}") from None
     if len(blob) < _HEADER.size:
         raise CheckpointError(f"checkpoint {str(path)!r} is truncated: {len(blob)} bytes, shorter than its {_HEADER.size}-byte header")
     magic, version, length, digest = _HEADER.unpack_from(blob)
@@ -92,7 +142,7 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torc
         raise CheckpointError(f"{str(path)!r} is not a pfunc diffusion checkpoint (bad magic bytes {magic!r})")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {str(path)!r} has format version {version}; this code reads version {FORMAT_VERSION}")
-    data = blob[_HEADER.size :]
+    data = memoryview(blob)[_HEADER.size :]
     if len(data) != length:
         raise CheckpointError(
             f"checkpoint {str(path)!r} is truncated or has trailing bytes: payload is {len(data)} bytes, the header says {length}"
@@ -105,4 +155,4 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torc
         raise CheckpointError(f"checkpoint {str(path)!r} could not be read safely: {e}") from e
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(payload).__name__}, expected a dict")
-    return payload
+    return payload, hashlib.sha256(blob).hexdigest()
