@@ -1,11 +1,13 @@
-"""Seed 002's denoising diffusion model, trained with a pure functional loop on pfunc parametrizations.
+"""The classic DDPM Unet (Ho et al.), trained with a pure functional loop on pfunc parametrizations.
 
 Modules: :mod:`.unet` (the Unet; weight standardization is a pfunc parametrization on
-plain ``nn.Conv2d``), :mod:`.gaussian_diffusion` (schedules, losses, DDPM/DDIM
-sampling as functions of a denoiser), :mod:`.data` (embedded procedurally drawn shapes,
-or a folder of images) and :mod:`.png` (stdlib PNG decoder), :mod:`.training` (the
-``torch.func.grad_and_value`` step, AdamW on the originals, EMA), :mod:`.checkpoint`
-(atomic, verified, code-free checkpoints), :mod:`.config` (presets and checks),
-:mod:`.quality` (Fréchet classifier distance with brackets), :mod:`.progress`, and
-:mod:`.train`, the CLI: ``python -m examples.diffusion.train``.
+plain ``nn.Conv2d``), :mod:`.gaussian_diffusion` (schedules, losses, DDPM/DDIM sampling as
+functions of a denoiser), :mod:`.data` (embedded procedurally drawn shapes, or a folder of
+images read with Pillow), :mod:`.training` (the ``torch.func.grad_and_value`` step, AdamW on
+the originals, EMA), :mod:`.model` (the model a config describes, sampling from its weights),
+:mod:`.checkpoint` (atomic, verified, code-free checkpoint files), :mod:`.training_checkpoint`
+(what a run's checkpoint holds and its checks), :mod:`.config` (presets and checks),
+:mod:`.quality` (Fréchet classifier distance with brackets), :mod:`.cli`, :mod:`.folders` and
+:mod:`.interrupt` (what the commands share), and the two commands:
+``python -m examples.diffusion.train`` and ``python -m examples.diffusion.sample``.
 """

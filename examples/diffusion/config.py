@@ -16,6 +16,7 @@ every checkpoint and in ``metrics.json``. :data:`PRESETS` holds the ``cpu`` pres
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
@@ -27,7 +28,7 @@ import pfunc
 
 from .gaussian_diffusion import OBJECTIVES, SCHEDULES
 
-__all__ = ["TrainConfig", "PRESETS", "RUN_OPTIONS", "ConfigError", "validate", "config_differences", "flag"]
+__all__ = ["TrainConfig", "PRESETS", "RUN_OPTIONS", "ConfigError", "check_values", "validate", "config_differences", "flag", "SEED_LIMIT"]
 
 
 class ConfigError(ValueError):
@@ -86,17 +87,23 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        """The config of :meth:`to_dict`'s output; :class:`ConfigError` for unknown or missing fields (values unchecked:
+        see :func:`check_values`)."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"config must be a dict, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         unknown, missing = sorted(set(d) - names), sorted(names - set(d))
         if unknown or missing:
             raise ConfigError(f"config has unknown fields {unknown} and lacks fields {missing}")
-        return cls(**{k: (tuple(v) if k == "dim_mults" else v) for k, v in d.items()})
+        return cls(**{k: (tuple(v) if k == "dim_mults" and isinstance(v, (list, tuple)) else v) for k, v in d.items()})
 
     def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with ``changes``."""
         return dataclasses.replace(self, **changes)
 
     @property
     def downsample_factor(self) -> int:
+        """How much the Unet shrinks the image: ``2 ** (len(dim_mults) - 1)``."""
         return 2 ** (len(self.dim_mults) - 1)
 
 
@@ -149,7 +156,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_samples=64,
         eval_samples=500,
     ),
-    # the seed's sizes on one GPU: 32x32 coloured shapes, a 4-level Unet, bf16 + compile
+    # the classic DDPM Unet's sizes on one GPU: 32x32 coloured shapes, a 4-level Unet, bf16 + compile
     "gpu": dict(
         _COMMON,
         dim=64,
@@ -179,25 +186,51 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Raise :class:`ConfigError` naming the first flag whose value cannot work."""
+_INT_FIELDS = ("dim", "channels", "image_size", "resnet_block_groups", "attn_heads", "attn_dim_head", "timesteps",
+               "train_size", "batch_size", "grad_accum", "ema_every", "steps", "checkpoint_every", "sampling_steps",
+               "num_samples", "log_every", "learned_sinusoidal_dim")
+_BOOL_FIELDS = ("self_condition", "learned_variance", "learned_sinusoidal_cond", "random_fourier_features", "bf16", "compile")
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes [0, 2**64); the run uses seed + 1 ... seed + 4
 
-    def positive(name: str) -> None:
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_values(cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` naming the first flag whose value has the wrong type or range.
+
+    Independent of the machine (no files, no torch version): the check a checkpoint's
+    config passes before anything is built from it.
+    """
+
+    for name in _INT_FIELDS:
         v = getattr(cfg, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        if not _is_int(v) or v < 1:
             raise ConfigError(f"{flag(name)} must be a positive integer, got {v!r}")
-
-    for name in ("dim", "channels", "image_size", "resnet_block_groups", "attn_heads", "attn_dim_head", "timesteps",
-                 "train_size", "batch_size", "grad_accum", "ema_every", "steps", "checkpoint_every", "sampling_steps",
-                 "num_samples", "log_every", "learned_sinusoidal_dim"):
-        positive(name)
     for name in ("eval_samples", "ema_after", "seed"):
         v = getattr(cfg, name)
-        if not isinstance(v, int) or v < 0:
+        if not _is_int(v) or v < 0:
             raise ConfigError(f"{flag(name)} must be a non-negative integer, got {v!r}")
+    if cfg.seed >= SEED_LIMIT:
+        raise ConfigError(f"--seed must be below 2**63 = {SEED_LIMIT}, got {cfg.seed}")
+    for name in _BOOL_FIELDS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise ConfigError(f"{flag(name)} must be true or false, got {getattr(cfg, name)!r}")
+    for name in ("beta_schedule", "objective", "dataset"):
+        if not isinstance(getattr(cfg, name), str):
+            raise ConfigError(f"{flag(name)} must be a string, got {getattr(cfg, name)!r}")
+    for name in ("lr", "weight_decay", "max_grad_norm", "ddim_eta", "ema_decay"):
+        v = getattr(cfg, name)
+        if not _is_number(v) or not math.isfinite(v):
+            raise ConfigError(f"{flag(name)} must be a finite number, got {v!r}")
     if cfg.eval_samples == 1:
         raise ConfigError("--eval-samples must be 0 (no quality score) or at least 2")
-    if not cfg.dim_mults or any((not isinstance(m, int)) or m < 1 for m in cfg.dim_mults):
+    if not isinstance(cfg.dim_mults, tuple) or not cfg.dim_mults or any(not _is_int(m) or m < 1 for m in cfg.dim_mults):
         raise ConfigError(f"--dim-mults must be a comma-separated list of positive integers, got {cfg.dim_mults!r}")
     if cfg.dim < 4 or cfg.dim % 2:
         raise ConfigError(f"--dim must be even and at least 4 (sinusoidal time embedding), got {cfg.dim}")
@@ -224,7 +257,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--timesteps must be above 20 for --beta-schedule linear, got {cfg.timesteps}")
     if cfg.sampling_steps > cfg.timesteps:
         raise ConfigError(f"--sampling-steps {cfg.sampling_steps} exceeds --timesteps {cfg.timesteps}")
-    if not (isinstance(cfg.lr, float) and cfg.lr > 0):
+    if cfg.lr <= 0:
         raise ConfigError(f"--lr must be a positive number, got {cfg.lr!r}")
     if cfg.weight_decay < 0:
         raise ConfigError(f"--weight-decay must be non-negative, got {cfg.weight_decay}")
@@ -234,11 +267,6 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--ddim-eta must be in [0, 1], got {cfg.ddim_eta}")
     if not 0 <= cfg.ema_decay < 1:
         raise ConfigError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
-    if cfg.compile and TorchVersion(torch.__version__) < pfunc.COMPILE_MIN_TORCH:
-        raise ConfigError(
-            f"--compile needs torch >= {pfunc.COMPILE_MIN_TORCH} (this is torch {torch.__version__}: its compiler "
-            "cannot compile torch.func.grad_and_value over functional_call); use --no-compile"
-        )
     if cfg.dataset == "shapes":
         if cfg.data_dir is not None:
             raise ConfigError("--data-dir is only for --dataset folder")
@@ -247,10 +275,26 @@ def validate(cfg: TrainConfig) -> None:
     elif cfg.dataset == "folder":
         if cfg.data_dir is None:
             raise ConfigError("--dataset folder needs --data-dir PATH")
-        if not os.path.isdir(cfg.data_dir):
-            raise ConfigError(f"--data-dir {cfg.data_dir!r} does not exist or is not a folder")
+        if not isinstance(cfg.data_dir, str) or not cfg.data_dir.strip():
+            raise ConfigError(f"--data-dir must name a folder, got {cfg.data_dir!r}")
     else:
         raise ConfigError(f"--dataset must be 'shapes' (embedded) or 'folder', got {cfg.dataset!r}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` naming the first flag whose value cannot work here.
+
+    :func:`check_values`, then what depends on this machine: ``--compile`` needs a recent
+    enough torch, ``--data-dir`` must be a folder.
+    """
+    check_values(cfg)
+    if cfg.compile and TorchVersion(torch.__version__) < pfunc.COMPILE_MIN_TORCH:
+        raise ConfigError(
+            f"--compile needs torch >= {pfunc.COMPILE_MIN_TORCH} (this is torch {torch.__version__}: its compiler "
+            "cannot compile torch.func.grad_and_value over functional_call); use --no-compile"
+        )
+    if cfg.dataset == "folder" and not os.path.isdir(cfg.data_dir):
+        raise ConfigError(f"--data-dir {cfg.data_dir!r} does not exist or is not a folder")
 
 
 def _mults(cfg: TrainConfig) -> str:

@@ -18,7 +18,7 @@ training images is available (:func:`nearest_neighbour_rms`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +35,13 @@ __all__ = [
     "score_images",
     "evaluate_shapes",
     "evaluate_folder",
+    "evaluate",
     "JUDGE_SEED",
+    "JUDGE_STEPS",
 ]
 
 JUDGE_SEED = 1234  # the judge and its reference data never depend on the run's --seed
+JUDGE_STEPS = 400  # training steps of the judge that evaluate_shapes trains
 
 
 class ShapeJudge(nn.Module):
@@ -72,15 +75,17 @@ def train_judge(
     channels: int,
     device: torch.device | str = "cpu",
     *,
-    steps: int = 400,
+    steps: int = JUDGE_STEPS,
     batch_size: int = 128,
     train_size: int = 8192,
+    on_step: Optional[Callable[[], None]] = None,
 ) -> tuple[ShapeJudge, float]:
     """A trained :class:`ShapeJudge` and its accuracy on 2048 fresh images.
 
     Trained with Adam on :func:`~.data.draw_shapes` images plus mild Gaussian pixel
     noise (so imperceptible noise in samples does not sway it), all from
-    :data:`JUDGE_SEED`; the global RNG is left untouched.
+    :data:`JUDGE_SEED`; the global RNG is left untouched. ``on_step()`` is called after
+    each of the ``steps`` steps (a progress display).
     """
     g = torch.Generator().manual_seed(JUDGE_SEED)
     x, y = draw_shapes(train_size, image_size, channels, g)
@@ -100,6 +105,8 @@ def train_judge(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if on_step is not None:
+            on_step()
     judge.eval()
     with torch.no_grad():
         _, logits = judge(x_test.to(device))
@@ -183,18 +190,23 @@ def evaluate_shapes(
     *,
     reference_size: int = 2000,
     judge: Optional[ShapeJudge] = None,
+    on_step: Optional[Callable[[], None]] = None,
 ) -> dict:
     """Scores of ``samples`` with the ``real`` and ``noise`` brackets, as a JSON-ready dict.
 
     ``{"samples": {...}, "real": {...}, "noise": {...}, "judge_accuracy": float, "n": N, "reference_size": R}``;
-    each bracket uses as many images as ``samples``.
+    each bracket uses as many images as ``samples``. Without a ``judge`` one is trained
+    (:func:`train_judge`, which calls ``on_step()`` after each of its :data:`JUDGE_STEPS` steps).
+    NaN or infinite samples are a ``ValueError`` (no distance is defined for them).
     """
     n = samples.shape[0]
     if n < 2:
         raise ValueError(f"evaluate_shapes: need at least 2 samples, got {n}")
+    if not bool(torch.isfinite(samples).all()):
+        raise ValueError(f"evaluate_shapes: {int((~torch.isfinite(samples)).sum())} sample values are NaN or infinite")
     accuracy = None
     if judge is None:
-        judge, accuracy = train_judge(image_size, channels, device)
+        judge, accuracy = train_judge(image_size, channels, device, steps=JUDGE_STEPS, on_step=on_step)
     g = torch.Generator().manual_seed(JUDGE_SEED + 1)
     reference, _ = draw_shapes(reference_size, image_size, channels, g)
     real, _ = draw_shapes(n, image_size, channels, g)
@@ -226,3 +238,26 @@ def evaluate_folder(samples: Tensor, reference: Tensor) -> dict:
         "n": samples.shape[0],
         "reference_size": reference.shape[0],
     }
+
+
+def evaluate(
+    samples: Tensor,
+    *,
+    dataset: str,
+    image_size: int,
+    channels: int,
+    device: torch.device | str = "cpu",
+    reference: Optional[Tensor] = None,
+    on_step: Optional[Callable[[], None]] = None,
+) -> dict:
+    """The quality block of a run's ``metrics.json`` (and of a sample folder's JSON).
+
+    ``dataset`` ``"shapes"``: ``{"metric": "fcd", **evaluate_shapes(...)}`` (``on_step`` follows the
+    judge's training); ``"folder"``: ``{"metric": "nn_rms", **evaluate_folder(samples, reference[:2000])}``
+    with ``reference`` the training images.
+    """
+    if dataset == "shapes":
+        return {"metric": "fcd", **evaluate_shapes(samples, image_size, channels, device, on_step=on_step)}
+    if reference is None:
+        raise ValueError("evaluate: a folder data set is scored against its images: pass reference")
+    return {"metric": "nn_rms", **evaluate_folder(samples, reference[:2000].cpu())}

@@ -133,7 +133,7 @@ def make_grad_fn(loss_fn, *, compile: bool = False, backend: str = "inductor") -
 
 
 def make_optimizer(params: Params, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over pfunc's originals, betas (0.9, 0.99) as the seed's trainer."""
+    """AdamW over pfunc's originals, betas (0.9, 0.99) as denoising-diffusion-pytorch's trainer."""
     return torch.optim.AdamW(list(params.values()), lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
 
 

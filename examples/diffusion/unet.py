@@ -1,13 +1,14 @@
-"""The denoising Unet of seed 002, with plain ``nn.Conv2d`` where the seed rewrote the layer.
+"""The classic DDPM Unet (Ho et al.), in the layout of denoising-diffusion-pytorch, with plain
+``nn.Conv2d`` where that code rewrites the layer.
 
-Every piece of the seed is here: sinusoidal and random-or-learned sinusoidal time
+Every piece of it is here: sinusoidal and random-or-learned sinusoidal time
 embeddings, :class:`Block` (conv -> GroupNorm -> optional scale/shift from the time
 embedding -> SiLU), :class:`ResnetBlock` with its time MLP, :class:`LinearAttention`
 and full :class:`Attention` behind :class:`PreNorm` and :class:`Residual`,
 :func:`Downsample` (pixel unshuffle + 1x1 conv), :func:`Upsample` (nearest + 3x3
 conv), skip connections, self-conditioning and learned variance.
 
-The seed's ``WeightStandardizedConv2d`` is *not* a layer here: ``Block.proj`` is a
+Its ``WeightStandardizedConv2d`` is *not* a layer here: ``Block.proj`` is a
 plain ``nn.Conv2d``, and :func:`parametrize_unet` puts pfunc's
 ``WeightStandardization`` on each of those weights. The module itself is never
 changed; the standardization lives in the :class:`pfunc.Parametrized` value.
@@ -139,7 +140,7 @@ class ResnetBlock(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """Layer norm over the channel dimension of ``[B, C, H, W]`` with a learned gain (no bias), as the seed."""
+    """Layer norm over the channel dimension of ``[B, C, H, W]`` with a learned gain (no bias), as denoising-diffusion-pytorch."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -224,7 +225,7 @@ class Attention(nn.Module):
 
 
 class _PixelUnshuffle(nn.Module):
-    """``[B, C, H, W] -> [B, 4C, H/2, W/2]`` with channel order ``(c, p1, p2)``, the seed's Rearrange."""
+    """``[B, C, H, W] -> [B, 4C, H/2, W/2]`` with channel order ``(c, p1, p2)``, einops' ``Rearrange`` in denoising-diffusion-pytorch."""
 
     def forward(self, x: Tensor) -> Tensor:
         return F.pixel_unshuffle(x, 2)
@@ -252,7 +253,7 @@ class Unet(nn.Module):
     (:attr:`downsample_factor`). ``self_condition`` doubles the input channels (the
     previous estimate of ``x_0`` is concatenated, zeros when absent);
     ``learned_variance`` doubles the output channels. ``attn_heads`` and
-    ``attn_dim_head`` size every attention layer (the seed: 4 and 32).
+    ``attn_dim_head`` size every attention layer (denoising-diffusion-pytorch: 4 and 32).
     """
 
     def __init__(
@@ -337,7 +338,7 @@ class Unet(nn.Module):
 
         default_out_dim = channels * (2 if learned_variance else 1)
         self.out_dim = out_dim if out_dim is not None else default_out_dim
-        # The seed writes dim * 2 here, which is only right when init_dim == dim.
+        # denoising-diffusion-pytorch writes dim * 2 here, which is only right when init_dim == dim.
         self.final_res_block = block(init_dim * 2, dim)
         self.final_conv = nn.Conv2d(dim, self.out_dim, 1)
         self.downsample_factor = 2 ** (len(dim_mults) - 1)
@@ -381,7 +382,7 @@ class Unet(nn.Module):
 def weight_standardization_spec(module: nn.Module) -> dict[str, WeightStandardization]:
     """``{"<path>.proj.weight": WeightStandardization()}`` for every :class:`Block` in ``module``.
 
-    This is the seed's ``WeightStandardizedConv2d`` without a new layer class: the same
+    This is denoising-diffusion-pytorch's ``WeightStandardizedConv2d`` without a new layer class: the same
     plain ``nn.Conv2d`` weights, standardized per output channel by a parametrization.
     """
     return {f"{name}.proj.weight" if name else "proj.weight": WeightStandardization() for name, m in module.named_modules() if isinstance(m, Block)}

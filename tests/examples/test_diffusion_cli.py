@@ -1,16 +1,19 @@
-"""The training CLI: bad values fail before any work with a message naming the flag; a bad or
-mismatched checkpoint is refused (never a silent restart); --help documents every flag."""
+"""The training CLI: every bad value fails before any work and before the run folder exists, with one
+line naming the flag (exit 2) or the file or folder (exit 1); a bad or mismatched checkpoint is
+refused (never a silent restart); a finished run is not re-sampled; --help documents every flag."""
 
 import json
+import os
 
 import pytest
 import torch
+from PIL import Image
 
 from examples.diffusion.checkpoint import load_checkpoint, save_checkpoint
+from examples.diffusion.cli import machine_load_note
 from examples.diffusion.config import PRESETS, TrainConfig
 from examples.diffusion.data import draw_shapes
 from examples.diffusion.train import build_parser, main, resolve_device
-from examples.plotting import save_image_grid
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/examples/conftest.py
@@ -50,7 +53,25 @@ def _fails(argv, capsys, tmp_path, code=2):
         (["--timesteps", "20", "--beta-schedule", "linear", "--sampling-steps", "5"], "--timesteps must be above 20"),
         (["--resnet-block-groups", "3"], "--resnet-block-groups 3 must divide every level width"),
         (["--batch-size", "64"], "--batch-size 64 is larger than --train-size 32"),
-        (["--epochs", "-1"], "--epochs must be positive"),
+        (["--epochs", "-1"], "--epochs must be a positive, finite number, got -1.0"),
+        (["--epochs", "nan"], "--epochs must be a positive, finite number, got nan"),
+        (["--epochs", "inf"], "--epochs must be a positive, finite number, got inf"),
+        (["--seed", str(2**63)], "--seed must be in [0, 2**63), got 9223372036854775808"),
+        (["--seed", "-1"], "--seed must be in [0, 2**63), got -1"),
+        (["--lr", "nan"], "--lr must be a finite number, got nan"),
+        (["--lr", "inf"], "--lr must be a finite number, got inf"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
+        (["--weight-decay", "inf"], "--weight-decay must be a finite number, got inf"),
+        (["--max-grad-norm", "nan"], "--max-grad-norm must be a finite number, got nan"),
+        (["--max-grad-norm=-inf"], "--max-grad-norm must be a finite number, got -inf"),
+        (["--ddim-eta", "nan"], "--ddim-eta must be a finite number, got nan"),
+        (["--ddim-eta", "inf"], "--ddim-eta must be a finite number, got inf"),
+        (["--ema-decay", "nan"], "--ema-decay must be a finite number, got nan"),
+        (["--ema-decay", "inf"], "--ema-decay must be a finite number, got inf"),
+        (["--data-dir", ""], "--data-dir must name a folder, got ''"),
+        (["--dataset", "folder", "--data-dir", ""], "--data-dir must name a folder, got ''"),
+        (["--compile-backend", "no_such_backend"], "--compile-backend 'no_such_backend' is not a registered torch.compile backend"),
+        (["--compile", "--compile-backend", "inductr"], "--compile-backend 'inductr' is not a registered torch.compile backend"),
         (["--threads", "0"], "--threads must be a positive integer"),
         (["--eval-samples", "1"], "--eval-samples must be 0 (no quality score) or at least 2"),
         (["--dim-mults", "1,x"], "expected comma-separated integers"),
@@ -59,6 +80,61 @@ def _fails(argv, capsys, tmp_path, code=2):
 def test_bad_values_fail_before_any_work_naming_the_flag(argv, message, capsys, tmp_path):
     err = _fails([*TINY, *argv], capsys, tmp_path)
     assert message in err
+    # one line of error and one line of usage hint, not the whole usage
+    assert err.splitlines() == [f"error: {err.splitlines()[0][len('error: '):]}", "(python -m examples.diffusion.train --help explains every flag)"]
+    assert "usage:" not in err
+
+
+def test_an_unknown_or_malformed_flag_prints_the_error_and_a_one_line_hint(capsys, tmp_path):
+    for argv, message in ((["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+                          (["--steps", "many"], "argument --steps: invalid int value: 'many'")):
+        err = _fails(argv, capsys, tmp_path)
+        assert err.splitlines() == [f"error: {message}", "(python -m examples.diffusion.train --help explains every flag)"]
+
+
+def test_results_dir_empty_is_a_flag_error(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main([*TINY, "--results-dir", ""])
+    assert e.value.code == 2 and "--results-dir must name a folder, got ''" in capsys.readouterr().err
+
+
+def _refused(argv, capsys):
+    """Run main; it must return 1 (a file or folder problem) with a one-line error."""
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_results_dir_that_is_a_file_or_under_one_is_refused_before_any_work(capsys, tmp_path):
+    f = tmp_path / "results"
+    f.write_text("a file, not a folder")
+    err = _refused([*TINY, "--results-dir", str(f)], capsys)
+    assert f"error: --results-dir '{f}' is a file, not a folder" in err
+    err = _refused([*TINY, "--results-dir", str(f / "runs")], capsys)
+    assert f"--results-dir '{f / 'runs'}' is under '{f}', which is a file, not a folder" in err
+    assert f.read_text() == "a file, not a folder" and sorted(os.listdir(tmp_path)) == ["results"]
+
+
+def test_results_dir_on_a_read_only_folder_is_refused_before_any_work(capsys, tmp_path, make_read_only):
+    (tmp_path / "ro").mkdir()
+    ro = make_read_only(tmp_path / "ro")
+    err = _refused([*TINY, "--results-dir", str(ro / "results")], capsys)
+    assert f"error: --results-dir '{ro / 'results'}': its parent '{ro}' is not writable" in err
+    err = _refused([*TINY, "--results-dir", str(ro)], capsys)
+    assert f"error: --results-dir '{ro}' is not writable" in err
+    assert os.listdir(ro) == []
+
+
+def test_a_busy_machine_is_noticed_with_the_threads_advice(monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    torch.set_num_threads(2)   # the one_thread fixture restores it
+    note = machine_load_note(None)
+    assert note.startswith("note: this machine is busy (load average 9.0 on 2 cores)") and "--threads 1" in note
+    assert machine_load_note(1) is None
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 1.0, 1.0))
+    assert machine_load_note(None) is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -150,7 +226,7 @@ def test_truncated_checkpoint_on_resume_is_an_error_not_a_fresh_start(finished_r
     (bad / "checkpoint.pt").write_bytes(blob[: len(blob) - 100])
     assert main(["--resume", str(bad), "--results-dir", str(tmp_path / "results")]) == 1
     err = capsys.readouterr().err
-    assert "truncated" in err and "Refusing to start from scratch" in err
+    assert "truncated" in err and "refusing to start from scratch" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in bad.iterdir()) == ["checkpoint.pt"] and not (tmp_path / "results").exists()
 
 
@@ -159,18 +235,70 @@ def test_missing_checkpoint_on_resume_is_an_error(capsys, tmp_path):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_a_folder_where_the_checkpoint_should_be_is_named_as_such(capsys, tmp_path):
+    (tmp_path / "run" / "checkpoint.pt").mkdir(parents=True)
+    err = _refused(["--resume", str(tmp_path / "run")], capsys)
+    assert f"'{tmp_path / 'run' / 'checkpoint.pt'}' is a folder, not a checkpoint file" in err
+    err = _refused(["--resume", str(tmp_path / "run" / "checkpoint.pt")], capsys)
+    assert "is a folder, not a checkpoint file" in err
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_resuming_a_finished_run_changes_nothing_and_says_how_to_sample(finished_run, capsys):
+    before = _snapshot(finished_run)
+    assert main(["--resume", str(finished_run)]) == 0
+    out = capsys.readouterr().out
+    assert f"{finished_run} is already trained to step 3: nothing to train, nothing written" in out
+    assert f"python -m examples.diffusion.sample {finished_run}" in out and "wrote" not in out
+    assert _snapshot(finished_run) == before and not (finished_run / "samples").exists()
+    assert main(["--resume", str(finished_run), "--steps", "3"]) == 0
+    assert _snapshot(finished_run) == before
+
+
+def test_resuming_with_fewer_steps_than_done_is_a_flag_error(finished_run, capsys):
+    before = _snapshot(finished_run)
+    with pytest.raises(SystemExit) as e:
+        main(["--resume", str(finished_run), "--steps", "2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--steps 2 is below the checkpoint's step 3: a run cannot train backwards" in err
+    assert _snapshot(finished_run) == before
+
+
+def test_resuming_a_run_whose_folder_became_read_only_is_refused_before_any_work(finished_run, capsys, tmp_path, make_read_only):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = _snapshot(run)
+    make_read_only(run)
+    err = _refused(["--resume", str(run), "--steps", "5"], capsys)
+    assert f"error: cannot resume: the run folder '{run}' is not writable" in err
+    assert "a resumed run writes its checkpoint and log there" in err
+    assert _snapshot(run) == before
+
+
 def test_preset_with_resume_is_refused(finished_run, capsys):
     with pytest.raises(SystemExit):
         main(["--resume", str(finished_run), "--preset", "gpu"])
     assert "--preset cannot be combined with --resume" in capsys.readouterr().err
 
 
-def test_folder_dataset_trains_and_scores_by_nearest_neighbour(tmp_path):
+def _image_folder(tmp_path, n=8):
     images = tmp_path / "images"
     images.mkdir()
-    x, _ = draw_shapes(8, 12, 3, torch.Generator().manual_seed(0))
-    for i in range(8):
-        save_image_grid(images / f"{i}.png", x[i : i + 1], nrow=1, padding=0)
+    x, _ = draw_shapes(n, 12, 3, torch.Generator().manual_seed(0))
+    for i in range(n):
+        pixels = (x[i] * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    return images
+
+
+def test_folder_dataset_trains_and_scores_by_nearest_neighbour(tmp_path):
+    images = _image_folder(tmp_path)
     argv = list(TINY)
     argv[argv.index("--eval-samples") + 1] = "4"
     assert main([*argv, "--dataset", "folder", "--data-dir", str(images), "--epochs", "1",
@@ -181,3 +309,31 @@ def test_folder_dataset_trains_and_scores_by_nearest_neighbour(tmp_path):
     q = metrics["quality"]
     assert q["metric"] == "nn_rms" and q["real"]["nn_rms"] > 0 and q["noise"]["nn_rms"] > q["real"]["nn_rms"]
     assert metrics["config"]["data_dir"] == str(images)
+
+
+def test_resume_accepts_the_same_data_dir_given_as_a_relative_path(tmp_path, monkeypatch, capsys):
+    images = _image_folder(tmp_path)
+    argv = [*TINY, "--dataset", "folder", "--data-dir", str(images)]
+    assert main([*argv, "--steps", "2", "--results-dir", str(tmp_path / "results")]) == 0
+    (run,) = list((tmp_path / "results").iterdir())
+    monkeypatch.chdir(tmp_path)
+    assert main(["--resume", str(run), "--dataset", "folder", "--data-dir", "images", "--steps", "3"]) == 0
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 3
+    with pytest.raises(SystemExit):   # another folder is still a difference
+        main(["--resume", str(run), "--data-dir", "elsewhere", "--steps", "4"])
+    assert f"--data-dir: checkpoint '{images}', now '{tmp_path / 'elsewhere'}'" in capsys.readouterr().err
+
+
+def test_a_malformed_image_in_the_data_is_refused_by_name_or_skipped_with_a_count(tmp_path, capsys):
+    images = _image_folder(tmp_path, n=9)
+    blob = bytearray((images / "3.png").read_bytes())
+    blob[blob.index(b"IDAT") + 6] ^= 0xFF   # a byte of the IDAT data: its CRC no longer matches
+    (images / "3.png").write_bytes(bytes(blob))
+    argv = [*TINY, "--dataset", "folder", "--data-dir", str(images), "--steps", "1", "--results-dir", str(tmp_path / "results")]
+    err = _refused(argv, capsys)
+    assert f"error: {images / '3.png'} cannot be decoded: broken PNG file" in err and "--skip-bad-images" in err
+    assert not (tmp_path / "results").exists()
+    assert main([*argv, "--skip-bad-images"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: skipped {images / '3.png'} cannot be decoded" in err
+    assert "warning: --skip-bad-images left out 1 of 9 image files" in err

@@ -1,5 +1,6 @@
-"""The resume guarantee: a run killed with SIGKILL and resumed continues exactly (bitwise on CPU)
-like an uninterrupted run with the same seed: the same per-step losses, params, EMA and optimizer."""
+"""The resume guarantee: a run killed with SIGKILL, or stopped with Ctrl-C (which saves a checkpoint
+and says how to resume), continues exactly (bitwise on CPU) like an uninterrupted run with the same
+seed: the same per-step losses, params, EMA and optimizer."""
 
 import json
 import os
@@ -97,3 +98,34 @@ def test_resume_may_extend_steps_and_matches_one_longer_run(tmp_path):
     long = _only_run(tmp_path / "long")
     assert read_losses(short / "losses.jsonl") == read_losses(long / "losses.jsonl")
     _assert_same_checkpoints(load_checkpoint(long / "checkpoint.pt"), load_checkpoint(short / "checkpoint.pt"))
+
+
+def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_the_resumed_run_continues_exactly(tmp_path):
+    args = [*TINY, "--steps", "400", "--checkpoint-every", "1000", "--log-every", "5"]   # no periodic checkpoint: Ctrl-C's is the only one
+    proc = _cli([*args, "--results-dir", str(tmp_path / "stopped")])
+    deadline = time.time() + 240
+    while True:
+        assert proc.poll() is None, "the run finished before it could be interrupted: raise --steps"
+        assert time.time() < deadline, "the run never got going"
+        logs = list((tmp_path / "stopped").glob("*/losses.jsonl"))
+        if logs and len(read_losses(logs[0])) >= 5:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    run = _only_run(tmp_path / "stopped")
+    at_stop = load_checkpoint(run / "checkpoint.pt")["step"]
+    assert 5 <= at_stop < 400
+    assert f"SIGINT: stopped at step {at_stop}/400 and saved {run / 'checkpoint.pt'}; " \
+           f"resume with: python -m examples.diffusion.train --resume {run}" in out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out
+    assert [s for s, _ in read_losses(run / "losses.jsonl")] == list(range(1, at_stop + 1))
+    assert not list(run.glob(".checkpoint.pt.tmp*")) and not (run / "samples.png").exists()
+
+    total = at_stop + 3
+    assert main(["--resume", str(run), "--steps", str(total)]) == 0
+    assert main([*TINY, "--steps", str(total), "--results-dir", str(tmp_path / "straight")]) == 0
+    straight = _only_run(tmp_path / "straight")
+    assert read_losses(run / "losses.jsonl") == read_losses(straight / "losses.jsonl")
+    _assert_same_checkpoints(load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(run / "checkpoint.pt"))

@@ -1,0 +1,99 @@
+"""What the diffusion commands share at the command line: short errors, the device choice, a busy-machine note.
+
+A bad flag prints the error and one line saying where the help is, not the whole usage
+(exit status 2, as argparse). :func:`resolve_device` follows the training script's
+convention: ``auto`` is the first CUDA device when there is one, else the CPU.
+:func:`machine_load_note` says when other processes already keep every core busy, the case
+where torch's default of one thread per core runs several times slower than ``--threads 1``.
+
+>>> p = ShortErrorParser(prog="python -m examples.diffusion.sample")
+>>> _ = p.add_argument("--seed", type=int)
+>>> import contextlib, io
+>>> err = io.StringIO()
+>>> with contextlib.redirect_stderr(err):
+...     try:
+...         p.parse_args(["--seed", "x"])
+...     except SystemExit as e:
+...         print(e.code)
+2
+>>> print(err.getvalue().strip())
+error: argument --seed: invalid int value: 'x'
+(python -m examples.diffusion.sample --help explains every flag)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import NoReturn, Optional
+
+import torch
+
+from .config import ConfigError
+
+__all__ = ["ShortErrorParser", "resolve_device", "machine_load_note", "check_compile_backend"]
+
+
+class ShortErrorParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose error is the message and one line of usage hint (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}\n({self.prog} --help explains every flag)\n")
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> ``cuda:0`` when CUDA is available, else ``cpu``; anything else is checked to exist here.
+
+    :class:`~.config.ConfigError` naming ``--device`` when it is not a device or this machine lacks it.
+    """
+    if spec == "auto":
+        return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"--device {spec!r} is not a device; expected auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {spec}: CUDA is not available on this machine (use --device cpu or auto)")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return torch.device("cuda", index)
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"--device {spec}: MPS is not available on this machine")
+        return device
+    if device.type != "cpu":
+        raise ConfigError(f"--device {spec!r}: unsupported device type {device.type!r}; expected cpu, cuda or mps")
+    return device
+
+
+def check_compile_backend(name: str) -> None:
+    """:class:`~.config.ConfigError` naming ``--compile-backend`` unless ``name`` is a registered ``torch.compile`` backend."""
+    import torch._dynamo  # imported here: it takes a second, and only --compile needs it
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if name not in known:
+        shown = [b for b in torch._dynamo.list_backends()] + ["aot_eager", "eager"]
+        raise ConfigError(
+            f"--compile-backend {name!r} is not a registered torch.compile backend; this torch has e.g. {', '.join(sorted(set(shown)))}"
+        )
+
+
+def machine_load_note(threads: Optional[int] = None) -> Optional[str]:
+    """A note when the 1-minute load average is above the core count (other processes want every core), else ``None``.
+
+    ``threads`` is the ``--threads`` given; with 1 (or torch already on one thread) there is nothing to advise.
+    """
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):  # not available on this platform
+        return None
+    cores = os.cpu_count() or 1
+    if load <= cores or threads == 1 or torch.get_num_threads() <= 1:
+        return None
+    return (
+        f"note: this machine is busy (load average {load:.1f} on {cores} cores): torch's {torch.get_num_threads()} threads "
+        f"will fight other processes for the cores, which can make training several times slower; "
+        f"--threads 1 is often much faster on a busy machine"
+    )
