@@ -39,6 +39,7 @@ import pfunc as pf
 from benchmarks.timing import measure
 from examples import arguments as A
 from examples.atomic import write_atomically
+from examples.busy_machine import busy_machine_advice
 from examples.plots import save_line_plot
 from examples.progress import progress
 from examples.run_folder import run_in_new_folder
@@ -311,6 +312,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-budget", type=A.positive_float, default=10.0, help="seconds for the timing comparison")
     p.add_argument("--timing-repeats", type=A.positive_int, default=5, help="at least this many timed rounds (medians)")
     p.add_argument("--timing-hidden", type=A.positive_int, default=128, help="hidden size of the timing comparison")
+    p.add_argument("--threads", type=A.positive_int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 avoids oversubscription on a busy machine)")
     p.add_argument("--seed", type=A.seed, default=0, help="seed of the initialisation and the data")
     p.add_argument("--results-dir", default="results/cached_rnn",
                    help="parent of the run folder <YYYY-mm-dd_HH-MM-SS>_<map> (default results/cached_rnn)")
@@ -329,6 +332,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 def _run(args: argparse.Namespace, out: Path) -> dict:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    advice = busy_machine_advice(args.threads)
+    if advice:
+        print(advice, file=sys.stderr)
     print(f"run folder: {out}")
     print(f"timing one training step (forward + backward; hidden {args.timing_hidden}, T {args.seq_len}, batch {args.batch})")
     timing = compare_caching(

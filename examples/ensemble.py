@@ -38,6 +38,7 @@ import pfunc as pf
 from benchmarks.timing import measure
 from examples import arguments as A
 from examples.atomic import write_atomically
+from examples.busy_machine import busy_machine_advice
 from examples.plots import save_map
 from examples.progress import progress
 from examples.run_folder import run_in_new_folder
@@ -320,6 +321,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--check-steps", type=A.positive_int, default=50, help="steps of the equality check")
     p.add_argument("--timing-budget", type=A.positive_float, default=10.0, help="seconds for the timing comparison")
     p.add_argument("--timing-repeats", type=A.positive_int, default=5, help="at least this many timed rounds (medians)")
+    p.add_argument("--threads", type=A.positive_int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 avoids oversubscription on a busy machine)")
     p.add_argument("--seed", type=A.seed, default=0, help="member k is initialised from seed + k")
     p.add_argument("--data-seed", type=A.seed, default=1000, help="member k's data order comes from data_seed + k")
     p.add_argument("--results-dir", default="results/ensemble",
@@ -341,6 +344,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 def _run(args: argparse.Namespace, out: Path) -> dict:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    advice = busy_machine_advice(args.threads)
+    if advice:
+        print(advice, file=sys.stderr)
     print(f"run folder: {out}")
     g = torch.Generator().manual_seed(12345)
     train_data = spirals(args.train_size, args.noise, g)
