@@ -19,7 +19,9 @@ tqdm, is printed every ``log_every`` steps and at the last one.
 
 from __future__ import annotations
 
+import io
 import math
+import os
 import sys
 import time
 from typing import Any, Optional, TextIO
@@ -38,6 +40,14 @@ def _format_value(value: Any) -> str:
     if math.isfinite(value) and abs(value) >= 100:
         return f"{value:.0f}"
     return f"{value:.4g}"
+
+
+def _columns(stream: TextIO) -> int:
+    """The width of the terminal ``stream`` writes to (0 when unknown)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return 0
 
 
 class Progress:
@@ -59,8 +69,10 @@ class Progress:
         self._last_logged = initial
         self._bar: Optional[tqdm] = None
         if self.is_terminal:
+            # a terminal that reports 0x0 (a pty nobody sized) would get an empty or hidden bar from tqdm
+            width = dict(dynamic_ncols=True) if _columns(stream) > 0 else dict(ncols=100, nrows=24)
             self._bar = tqdm(total=total, initial=initial, desc=desc or None, unit=unit, file=stream,
-                             dynamic_ncols=True, mininterval=0.1, leave=True)
+                             mininterval=0.1, leave=True, **width)
 
     def update(self, n: int = 1, **postfix: Any) -> None:
         """Advance by ``n`` steps (``n >= 0``) and show ``postfix`` (it replaces the previous values)."""

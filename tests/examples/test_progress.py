@@ -2,6 +2,7 @@
 the postfix values shown in both, and clear errors for bad arguments."""
 
 import io
+import os
 
 import pytest
 
@@ -83,3 +84,24 @@ def test_updates_after_close_or_backwards_are_refused():
     bar.close()
     with pytest.raises(ValueError, match="closed"):
         bar.update()
+
+
+def test_a_real_terminal_that_reports_no_size_still_shows_the_bar():
+    master, slave = os.openpty()            # a fresh pty reports 0 columns and 0 rows, as under `script`
+    try:
+        with os.fdopen(slave, "w", closefd=False) as out:
+            assert out.isatty() and os.get_terminal_size(slave).columns == 0
+            bar = progress(3, desc="train", stream=out)
+            for _ in range(3):
+                bar.update(loss=0.5)
+            bar.close()
+            out.flush()
+        os.set_blocking(master, False)
+        try:
+            text = os.read(master, 65536).decode()
+        except BlockingIOError:   # nothing was written
+            text = ""
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert "train: 100%" in text and "3/3" in text and "loss=0.5" in text
