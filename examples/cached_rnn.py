@@ -58,22 +58,40 @@ __all__ = [
 ]
 
 
+class _Tally:
+    """A count held by reference: the copies of a module that pfunc runs share it with the module."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
 class CountingMap(nn.Module):
     """Wraps a parametrization and counts its forward calls in ``calls``.
 
     An ``nn.Module`` so that ``torch.nn.utils.parametrize`` accepts it too; pfunc calls
-    it like any torch-style parametrization. ``right_inverse`` is passed through when
-    the wrapped map has one (``NotImplementedError`` otherwise: the identity at
-    registration, as torch).
+    it like any torch-style parametrization. pfunc never writes to a module: it runs the
+    forward on a private shadow of it, which shares the module's attributes but not their
+    rebinding, so the count lives in a shared object (``self.calls += 1`` would count on the
+    shadow only). ``right_inverse`` is passed through when the wrapped map has one
+    (``NotImplementedError`` otherwise: the identity at registration, as torch).
     """
 
     def __init__(self, fn: Any):
         super().__init__()
         self.fn = fn
-        self.calls = 0
+        self.tally = _Tally()
+
+    @property
+    def calls(self) -> int:
+        """Forward calls so far (assign 0 to restart the count)."""
+        return self.tally.n
+
+    @calls.setter
+    def calls(self, value: int) -> None:
+        self.tally.n = value
 
     def forward(self, X: Tensor) -> Tensor:
-        self.calls += 1
+        self.tally.n += 1
         return self.fn(X)
 
     def right_inverse(self, Y: Tensor) -> Tensor:
