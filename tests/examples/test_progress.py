@@ -3,6 +3,7 @@ the postfix values shown in both, and clear errors for bad arguments."""
 
 import io
 import os
+import time
 
 import pytest
 
@@ -97,10 +98,14 @@ def test_a_real_terminal_that_reports_no_size_still_shows_the_bar():
             bar.close()
             out.flush()
         os.set_blocking(master, False)
-        try:
-            text = os.read(master, 65536).decode()
-        except BlockingIOError:   # nothing was written
-            text = ""
+        chunks, quiet_since = [], time.monotonic()
+        while time.monotonic() - quiet_since < 0.5:   # read until the pty has been quiet for half a second
+            try:
+                chunks.append(os.read(master, 65536))
+                quiet_since = time.monotonic()
+            except BlockingIOError:
+                time.sleep(0.01)
+        text = b"".join(chunks).decode()
     finally:
         os.close(master)
         os.close(slave)
