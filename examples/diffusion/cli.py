@@ -31,7 +31,7 @@ import torch
 
 from .config import ConfigError
 
-__all__ = ["ShortErrorParser", "resolve_device", "machine_load_note", "check_compile_backend"]
+__all__ = ["ShortErrorParser", "resolve_device", "machine_load_note", "check_compile_backend", "check_memory", "physical_memory"]
 
 
 class ShortErrorParser(argparse.ArgumentParser):
@@ -97,3 +97,22 @@ def machine_load_note(threads: Optional[int] = None) -> Optional[str]:
         f"will fight other processes for the cores, which can make training several times slower; "
         f"--threads 1 is often much faster on a busy machine"
     )
+
+
+def physical_memory() -> Optional[int]:
+    """This machine's physical memory in bytes, or ``None`` where the platform does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(what: str, nbytes: int) -> None:
+    """:class:`~.config.ConfigError` when ``nbytes`` (what ``what``, a flag and its value, needs) exceed half of
+    this machine's memory: a clear error at the start instead of an out-of-memory kill minutes later."""
+    have = physical_memory()
+    if have is not None and nbytes > have // 2:
+        raise ConfigError(
+            f"{what} needs {nbytes / 2**30:.1f} GiB for its images alone, more than half of this machine's "
+            f"{have / 2**30:.1f} GiB"
+        )

@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from PIL import Image
@@ -39,7 +39,7 @@ from examples.images import save_image_grid
 from examples.progress import progress
 
 from .checkpoint import CheckpointError, read_checkpoint
-from .cli import ShortErrorParser, machine_load_note, resolve_device
+from .cli import ShortErrorParser, check_memory, machine_load_note, resolve_device
 from .config import SEED_LIMIT, ConfigError, TrainConfig
 from .data import BadImageError, load_image_folder
 from .folders import FolderError, check_can_create, new_timestamped_folder, timestamp
@@ -120,24 +120,6 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ConfigError(f"--out must name a folder, got {args.out!r}")
 
 
-def _memory_bytes() -> Optional[int]:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _check_size(args: argparse.Namespace, cfg: TrainConfig) -> None:
-    """Refuse a --num-samples whose images alone would not fit in half this machine's memory."""
-    need = args.num_samples * cfg.channels * cfg.image_size**2 * 4
-    have = _memory_bytes()
-    if have is not None and need > have // 2:
-        raise ConfigError(
-            f"--num-samples {args.num_samples} needs {need / 2**30:.1f} GiB for the images alone, more than half of this "
-            f"machine's {have / 2**30:.1f} GiB; draw them in several calls with different --seed"
-        )
-
-
 def _save_each(folder: Path, images: torch.Tensor) -> None:
     """One PNG per image (Pillow; the folder is still hidden, so no per-file atomic write is needed)."""
     folder.mkdir()
@@ -171,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ConfigError(f"--sampling-steps {steps} exceeds the run's --timesteps {cfg.timesteps} (DDPM uses all {cfg.timesteps})")
         eta = cfg.ddim_eta if args.ddim_eta is None else args.ddim_eta
         bf16 = cfg.bf16 if args.bf16 is None else args.bf16
-        _check_size(args, cfg)
+        check_memory(f"--num-samples {args.num_samples}", args.num_samples * cfg.channels * cfg.image_size**2 * 4)
         reference = None
         if args.score and cfg.dataset == "folder":
             try:

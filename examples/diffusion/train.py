@@ -40,7 +40,7 @@ from examples.plots import save_line_plot
 from examples.progress import progress
 
 from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from .cli import ShortErrorParser, check_compile_backend, machine_load_note, resolve_device
+from .cli import ShortErrorParser, check_compile_backend, check_memory, machine_load_note, resolve_device
 from .config import PRESETS, RUN_OPTIONS, SEED_LIMIT, ConfigError, TrainConfig, config_differences, flag, validate
 from .data import BadImageError, BatchOrder, draw_shapes, load_image_folder
 from .folders import FolderError, check_can_create, check_writable, new_timestamped_folder
@@ -320,6 +320,11 @@ def _prepare(args: argparse.Namespace) -> _Plan:
     else:
         cfg = resolve_config(args)
     device = resolve_device(args.device)
+    image_bytes = cfg.channels * cfg.image_size**2 * 4
+    if cfg.dataset == "shapes":
+        check_memory(f"--train-size {cfg.train_size}", cfg.train_size * image_bytes)
+    n_sampled = max(cfg.num_samples, cfg.eval_samples)
+    check_memory(f"--num-samples {cfg.num_samples} / --eval-samples {cfg.eval_samples}", n_sampled * image_bytes)
     if args.compile_backend is not None or cfg.compile:
         check_compile_backend(args.compile_backend or DEFAULT_BACKEND)
     _, net, diffusion = build_model(cfg)

@@ -72,6 +72,8 @@ def _fails(argv, capsys, tmp_path, code=2):
         (["--dataset", "folder", "--data-dir", ""], "--data-dir must name a folder, got ''"),
         (["--compile-backend", "no_such_backend"], "--compile-backend 'no_such_backend' is not a registered torch.compile backend"),
         (["--compile", "--compile-backend", "inductr"], "--compile-backend 'inductr' is not a registered torch.compile backend"),
+        (["--train-size", str(10**12)], "--train-size 1000000000000 needs"),
+        (["--eval-samples", str(10**12)], "--num-samples 4 / --eval-samples 1000000000000 needs"),
         (["--threads", "0"], "--threads must be a positive integer"),
         (["--eval-samples", "1"], "--eval-samples must be 0 (no quality score) or at least 2"),
         (["--dim-mults", "1,x"], "expected comma-separated integers"),

@@ -133,7 +133,7 @@ def test_score_gives_the_fcd_with_its_brackets(run, tmp_path):
     (["--score", "--num-samples", "1"], "--score needs --num-samples of at least 2"),
     (["--out", ""], "--out must name a folder, got ''"),
     (["--device", "banana"], "--device 'banana' is not a device"),
-    (["--num-samples", str(10**13)], "--num-samples 10000000000000 needs"),
+    (["--num-samples", str(10**13)], "--num-samples 10000000000000 needs "),
     (["--num-samples", "many"], "argument --num-samples: invalid int value: 'many'"),
 ])
 def test_bad_flags_are_one_line_naming_the_flag_before_any_work(run, argv, message, capsys, tmp_path):
@@ -143,6 +143,14 @@ def test_bad_flags_are_one_line_naming_the_flag_before_any_work(run, argv, messa
     err = capsys.readouterr().err
     assert err.splitlines()[0].startswith("error: ") and message in err.splitlines()[0] and err.splitlines()[1:] == [HINT]
     assert not (tmp_path / "out").exists() and not (run / "samples").exists()
+
+
+def test_the_memory_check_names_the_flag_and_the_sizes(run, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        sample.main([str(run), "--num-samples", str(10**13), "--out", str(tmp_path / "out")])
+    need = 10**13 * 1 * 8 * 8 * 4 / 2**30          # images of the run: 1 channel, 8x8, float32
+    assert f"--num-samples 10000000000000 needs {need:.1f} GiB for its images alone, more than half of this machine's" \
+        in capsys.readouterr().err
 
 
 def test_bad_checkpoints_and_folders_are_one_line_naming_them(run, capsys, tmp_path):
