@@ -276,8 +276,8 @@ def _cap_bytes(bucket_cap_mb: Any, where: str) -> int:
 def _plan(items: Sequence[tuple[torch.device, torch.dtype, int, int]], order: Sequence[int], cap: int) -> list[_Bucket]:
     """Buckets of at most ``cap`` bytes over ``items`` = ``(device, dtype, numel, element size)``
     (one item larger than ``cap`` gets a bucket of its own), one stream per (device, dtype),
-    filled in ``order``. Buckets are listed as they close, the unfinished ones last in the order
-    their first member came, so the list is the launch order when leaves arrive in ``order``."""
+    filled in ``order``. Buckets are listed by when their last member comes in ``order``: the
+    order they complete, so the launch order, when leaves arrive in ``order``."""
     open_: dict[tuple[torch.device, torch.dtype], _Bucket] = {}
     buckets: list[_Bucket] = []
     rank_in_order = {i: r for r, i in enumerate(order)}
@@ -293,8 +293,8 @@ def _plan(items: Sequence[tuple[torch.device, torch.dtype, int, int]], order: Se
         b.members.append(i)
         b.numels.append(numel)
         b.nbytes += size
-    buckets.extend(sorted(open_.values(), key=lambda b: rank_in_order[b.members[0]]))
-    return buckets
+    buckets.extend(open_.values())
+    return sorted(buckets, key=lambda b: rank_in_order[b.members[-1]])
 
 
 def _items(tensors: Sequence[Tensor]) -> list[tuple[torch.device, torch.dtype, int, int]]:
@@ -305,11 +305,12 @@ def bucket_plan(tree: Tree, *, bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB) -> 
     """The keys of each bucket :func:`all_reduce` would send, in launch order (no communication).
 
     Buckets are filled in the tree's flattening order (optree's: a dict's keys sorted), one
-    stream per (device, dtype), closing a bucket when the next tensor would overflow the cap.
+    stream per (device, dtype), closing a bucket when the next tensor would overflow the cap,
+    and go in the order they complete (by their last key):
 
     >>> import torch
     >>> bucket_plan({"a": torch.zeros(3), "b": torch.zeros(2, dtype=torch.float64), "c": torch.zeros(1)})
-    [['a', 'c'], ['b']]
+    [['b'], ['a', 'c']]
     """
     where = "pfunc.distributed.bucket_plan"
     leaves = _flatten(tree, where, "tree")
