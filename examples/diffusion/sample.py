@@ -40,7 +40,7 @@ from examples.progress import progress
 
 from .checkpoint import CheckpointError, read_checkpoint
 from .cli import ShortErrorParser, check_memory, machine_load_note, resolve_device
-from .config import SEED_LIMIT, ConfigError, TrainConfig
+from .config import SEED_LIMIT, ConfigError
 from .data import BadImageError, load_image_folder
 from .folders import FolderError, check_can_create, new_timestamped_folder, timestamp
 from .interrupt import StopRequest, Stopped
