@@ -116,6 +116,9 @@ def scenario_backward(name: str) -> None:
     local["unused"] = torch.zeros(3)
     reference = pf.distributed.all_reduce(local, bucket_cap_mb=0.002)
 
+    # pf.grad (the functional gradient), then the bucketed all-reduce
+    via_pf_grad = pf.distributed.all_reduce(pf.grad(loss_of)(params), bucket_cap_mb=0.002)
+
     # the overlapped route, one call
     leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
     overlapped = pf.distributed.all_reduce_grad(loss_of(leaves), leaves, bucket_cap_mb=0.002)
@@ -165,7 +168,7 @@ def scenario_backward(name: str) -> None:
         p2.wait()
     twice_error = error_of(twice)
     save(name, {
-        "local": local, "reference": reference, "overlapped": overlapped, "in_context": in_context,
+        "local": local, "reference": reference, "overlapped": overlapped, "in_context": in_context, "via_pf_grad": via_pf_grad,
         "hooks_left": hooks_left, "launched_before_last_grad": seen["launched"], "buckets": pending.buckets,
         "plan": plan, "branch_reference": branch_reference, "branch": branch,
         "branch_launched_in_backward": branch_launched_in_backward, "twice_error": twice_error,

@@ -119,12 +119,13 @@ def test_async_all_reduce_equals_the_synchronous_one(run):
 
 
 # ---------------------------------------------------------------------- the backward route
-def test_all_reduce_during_backward_equals_autograd_then_all_reduce(run):
+def test_all_reduce_during_backward_equals_autograd_or_pf_grad_then_all_reduce(run):
     ranks = results(run, "backward")
     for r in ranks:
         for key, want in r["reference"].items():
             assert torch.equal(r["overlapped"][key], want), key
             assert torch.equal(r["in_context"][key], want), key
+            assert torch.allclose(r["via_pf_grad"][key], want, rtol=0, atol=1e-7), key
         assert not r["hooks_left"]
         assert torch.equal(r["overlapped"]["unused"], torch.zeros(3))
     for key, got in ranks[0]["reference"].items():  # and the reference is the mean of the local gradients
