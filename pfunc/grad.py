@@ -122,12 +122,6 @@ def _check_output(api: str, has_aux: bool, out: Any) -> tuple[Tensor, Any]:
                 + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
             )
         out, aux = out
-        for i, leaf in enumerate(pytree.tree_leaves(aux)):
-            if not isinstance(leaf, Tensor):
-                raise RuntimeError(
-                    f"{api}: aux must be a pytree of Tensors (as torch.func requires); "
-                    f"aux{_where(aux, i)} is a {type(leaf).__name__}"
-                )
     if not isinstance(out, Tensor):
         raise RuntimeError(f"{api}: expected f(*args) to return a Tensor, got {type(out).__name__}")
     if out.dim() != 0:
@@ -138,12 +132,47 @@ def _check_output(api: str, has_aux: bool, out: Any) -> tuple[Tensor, Any]:
     return out, aux
 
 
+def _bad_aux(api: str, aux: Any) -> RuntimeError:
+    for i, leaf in enumerate(pytree.tree_leaves(aux)):
+        if not isinstance(leaf, Tensor):
+            return RuntimeError(
+                f"{api}: aux must be a pytree of Tensors (as torch.func requires); aux{_where(aux, i)} is a {type(leaf).__name__}"
+            )
+    return RuntimeError(f"{api}: aux must be a pytree of Tensors (as torch.func requires)")  # pragma: no cover
+
+
+def _map_aux(api: str, aux: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``fn`` on every tensor of ``aux``, which must be a pytree of tensors (``torch.func``'s rule).
+
+    Plain tuples, lists and dicts are walked here (the common case, at a fraction of the
+    generic pytree's cost); any other node (namedtuple, registered classes) goes through
+    ``torch.utils._pytree``, which is what ``torch.func`` flattens with.
+    """
+
+    def walk(tree: Any) -> Any:
+        if isinstance(tree, Tensor):
+            return fn(tree)
+        kind = type(tree)
+        if kind is dict:
+            return {k: walk(v) for k, v in tree.items()}
+        if kind is tuple:
+            return tuple([walk(x) for x in tree])
+        if kind is list:
+            return [walk(x) for x in tree]
+        leaves, spec = pytree.tree_flatten(tree)
+        if len(leaves) == 1 and leaves[0] is tree:  # a leaf that is not a tensor
+            raise _bad_aux(api, aux)
+        return pytree.tree_unflatten([walk(x) for x in leaves], spec)
+
+    return walk(aux)
+
+
 def _checked(api: str, func: Callable[..., Any], has_aux: bool) -> Callable[..., Any]:
     """``func`` with its output checked, for the routes that hand it to ``torch.func``."""
 
     def run(*args: Any, **kwargs: Any) -> Any:
         out, aux = _check_output(api, has_aux, func(*args, **kwargs))
-        return (out, aux) if has_aux else out
+        return (out, _map_aux(api, aux, lambda t: t)) if has_aux else out
 
     return run
 
@@ -154,19 +183,17 @@ def _check_inputs(api: str, args: Sequence[Any], positions: tuple[int, ...]) -> 
             _check_leaf(api, leaf, args, p, i)
 
 
-_NESTING = threading.local()
+class _Nesting(threading.local):
+    depth = 0  # how many top-level grad_and_value calls are running f in this thread
 
 
-def _inside_autograd_route() -> bool:
-    """Whether this thread is running ``f`` for a top-level :func:`grad_and_value` (so a nested call
-    must stay differentiable for it)."""
-    return getattr(_NESTING, "depth", 0) > 0
+_NESTING = _Nesting()
 
 
 def _outermost() -> bool:
     """Whether a gradient taken now is the outermost one: no ``torch.func`` transform is running
     and no top-level :func:`grad_and_value` is running ``f``."""
-    return _current_level() is None and not _inside_autograd_route()
+    return _current_level() is None and _NESTING.depth == 0
 
 
 def _autograd_ok() -> bool:
@@ -175,41 +202,61 @@ def _autograd_ok() -> bool:
     return not torch.compiler.is_compiling() and _outermost() and not torch.is_inference_mode_enabled()
 
 
-def _fresh_leaves(api: str, args: Sequence[Any], positions: tuple[int, ...]):
-    """``(new args, fresh leaves, per argument (leaf count, rebuild), fresh id -> caller's tensor)``."""
-    new_args = list(args)
-    leaves: list[Tensor] = []
-    rebuilds: list[tuple[int, Callable[[list[Tensor]], Any]]] = []
-    originals: dict[int, Tensor] = {}
-    for p in positions:
-        arg = args[p]
-        if type(arg) is dict and all(isinstance(v, Tensor) for v in arg.values()):
-            keys, flat = tuple(arg), list(arg.values())
-            rebuild: Callable[[list[Tensor]], Any] = lambda gs, keys=keys: dict(zip(keys, gs))  # noqa: E731
-        else:
-            flat, spec = pytree.tree_flatten(arg)
-            rebuild = lambda gs, spec=spec: pytree.tree_unflatten(gs, spec)  # noqa: E731
-        fresh = []
-        for i, t in enumerate(flat):
-            _check_leaf(api, t, args, p, i)
-            f = t.detach()
-            if f.is_inference():  # an inference tensor cannot require grad outside inference mode
-                f = f.clone()
-            f.requires_grad_()
-            originals[id(f)] = t
-            fresh.append(f)
-        new_args[p] = rebuild(fresh)
-        leaves.extend(fresh)
-        rebuilds.append((len(fresh), rebuild))
-    return new_args, leaves, rebuilds, originals
+def _fresh(t: Tensor) -> Tensor:
+    """A new leaf that requires grad, sharing ``t``'s storage (a copy for an inference tensor,
+    which cannot require grad outside inference mode)."""
+    f = t.detach()
+    if f.is_inference():
+        f = f.clone()
+    return f.requires_grad_()
 
 
-def _release(t: Tensor, originals: dict[int, Tensor]) -> Tensor:
-    """``t`` without its graph: the caller's tensor for a fresh leaf, ``t.detach()`` otherwise."""
-    original = originals.get(id(t))
-    if original is not None:
-        return original
-    return t.detach() if t.requires_grad else t
+def _differentiable(t: Any) -> bool:
+    return isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())
+
+
+class _Leaves:
+    """The fresh leaves standing for the differentiated arguments, and how to give gradients
+    back their structure."""
+
+    def __init__(self, api: str, args: Sequence[Any], positions: tuple[int, ...]):
+        self.args = list(args)
+        self.fresh: list[Tensor] = []
+        self.callers: list[Tensor] = []
+        self.rebuilds: list[tuple[int, Callable[[list[Tensor]], Any]]] = []
+        for p in positions:
+            arg = args[p]
+            if type(arg) is dict and all(_differentiable(v) for v in arg.values()):
+                keys, flat = tuple(arg), list(arg.values())
+                rebuild: Callable[[list[Tensor]], Any] = lambda gs, keys=keys: dict(zip(keys, gs))  # noqa: E731
+            else:
+                flat, spec = pytree.tree_flatten(arg)
+                for i, t in enumerate(flat):
+                    _check_leaf(api, t, args, p, i)
+                rebuild = lambda gs, spec=spec: pytree.tree_unflatten(gs, spec)  # noqa: E731
+            fresh = [_fresh(t) for t in flat]
+            self.args[p] = rebuild(fresh)
+            self.fresh += fresh
+            self.callers += flat
+            self.rebuilds.append((len(fresh), rebuild))
+
+    def structure(self, argnums: Argnums, grads: list[Tensor]) -> Any:
+        """``grads`` (one per fresh leaf) in the structure of the differentiated arguments."""
+        per_arg, start = [], 0
+        for n, rebuild in self.rebuilds:
+            per_arg.append(rebuild(grads[start:start + n]))
+            start += n
+        return per_arg[0] if isinstance(argnums, int) else tuple(per_arg)
+
+    def release(self, t: Tensor) -> Tensor:
+        """``t`` without its graph: the caller's tensor for a fresh leaf, ``t.detach()`` otherwise."""
+        if not t.requires_grad:
+            return t
+        if t.is_leaf:
+            for fresh, caller in zip(self.fresh, self.callers):
+                if fresh is t:
+                    return caller
+        return t.detach()
 
 
 def _differentiate(output: Tensor, leaves: list[Tensor]) -> list[Tensor]:
@@ -224,31 +271,26 @@ def _differentiate(output: Tensor, leaves: list[Tensor]) -> list[Tensor]:
     return grads
 
 
-def _assemble(argnums: Argnums, has_aux: bool, rebuilds, grads: list[Tensor], value: Tensor, aux: Any, originals: dict[int, Tensor]) -> Any:
+def _assemble(api: str, argnums: Argnums, has_aux: bool, leaves: _Leaves, grads: list[Tensor], value: Tensor, aux: Any) -> Any:
     """``torch.func``'s return structure: ``(grads, value)`` or ``(grads, (value, aux))``, nothing attached to a graph."""
-    per_arg, start = [], 0
-    for n, rebuild in rebuilds:
-        per_arg.append(rebuild(grads[start:start + n]))
-        start += n
-    grad_input = per_arg[0] if isinstance(argnums, int) else tuple(per_arg)
-    value = _release(value, originals)
+    grad_input = leaves.structure(argnums, grads)
     if has_aux:
-        return grad_input, (value, pytree.tree_map(lambda t: _release(t, originals), aux))
-    return grad_input, value
+        return grad_input, (leaves.release(value), _map_aux(api, aux, leaves.release))
+    return grad_input, leaves.release(value)
 
 
 def _autograd_route(api: str, func: Callable[..., Any], argnums: Argnums, has_aux: bool, args: tuple, kwargs: dict) -> Any:
     """Fresh leaves, ``f`` under ``enable_grad``, one ``torch.autograd.grad`` without ``create_graph``."""
     positions = _positions(api, argnums, len(args))
     with torch.enable_grad():
-        new_args, leaves, rebuilds, originals = _fresh_leaves(api, args, positions)
-        _NESTING.depth = getattr(_NESTING, "depth", 0) + 1
+        leaves = _Leaves(api, args, positions)
+        _NESTING.depth += 1
         try:
-            output, aux = _check_output(api, has_aux, func(*new_args, **kwargs))
+            output, aux = _check_output(api, has_aux, func(*leaves.args, **kwargs))
         finally:
             _NESTING.depth -= 1
-        grads = _differentiate(output, leaves)
-    return _assemble(argnums, has_aux, rebuilds, grads, output, aux, originals)
+        grads = _differentiate(output, leaves.fresh)
+    return _assemble(api, argnums, has_aux, leaves, grads, output, aux)
 
 
 def _func_route(api: str, func: Callable[..., Any], argnums: Argnums, has_aux: bool, args: tuple, kwargs: dict) -> Any:
@@ -265,7 +307,7 @@ def _func_route(api: str, func: Callable[..., Any], argnums: Argnums, has_aux: b
 
 
 def _route(api: str, func: Callable[..., Any], argnums: Argnums, has_aux: bool, args: tuple, kwargs: dict) -> Any:
-    if _autograd_ok():
+    if not torch.compiler.is_compiling() and _current_level() is None and _NESTING.depth == 0 and not torch.is_inference_mode_enabled():
         return _autograd_route(api, func, argnums, has_aux, args, kwargs)
     return _func_route(api, func, argnums, has_aux, args, kwargs)
 
@@ -359,9 +401,9 @@ def _summed_member_route(
                 return per_member(*args, **kwargs)
         return per_member(*args, **kwargs)
     with torch.enable_grad():
-        new_args, leaves, rebuilds, originals = _fresh_leaves(api, args, positions)
-        out = torch.func.vmap(_checked(api, fn, has_aux), in_dims=in_dims, randomness=randomness)(*new_args, **kwargs)
+        leaves = _Leaves(api, args, positions)
+        out = torch.func.vmap(_checked(api, fn, has_aux), in_dims=in_dims, randomness=randomness)(*leaves.args, **kwargs)
         values, aux = out if has_aux else (out, None)
         # member k's value reads only member k's slice (vmap), so d(sum)/d(slice k) = d value_k / d slice k
-        grads = _differentiate(values.sum(), leaves)
-    return _assemble(argnums, has_aux, rebuilds, grads, values, aux, originals)
+        grads = _differentiate(values.sum(), leaves.fresh)
+    return _assemble(api, argnums, has_aux, leaves, grads, values, aux)
