@@ -8,8 +8,11 @@ own code. Rows:
 
 * ``MLP <parametrization>``: item 1's MLP, train mode, fwd+bwd. pfunc compiles
   ``net(params, state, x)`` + loss (gradients by ``autograd.grad``, so AOTAutograd
-  compiles the backward); ``pfunc func.grad`` compiles ``torch.func.grad`` of the
-  same loss; torch compiles the parametrized module.
+  compiles the backward: the compiled autograd route); ``pfunc func.grad`` compiles
+  ``torch.func.grad`` of the same loss; ``pfunc pf.grad`` compiles :func:`pfunc.grad_and_value`
+  of it (under ``torch.compile`` that is ``torch.func.grad_and_value`` called under ``no_grad``,
+  so the graph computes the gradient and saves nothing for an outer backward); torch compiles
+  the parametrized module.
 * ``RNN``: item 2 (fwd+bwd); pfunc compiles materialise + apply; torch compiles the
   module called inside ``parametrize.cached()``.
 * ``ensemble``: item 3's training step; pfunc compiles the vmapped grad step; torch
@@ -139,12 +142,18 @@ def mlp_row(family: Family, sizes: Sizes, device: torch.device, backend: str = "
         return loss_of(out), (out, new_state)
 
     grad_fn = torch.func.grad(forward, has_aux=True)
-    breaks = {"pfunc": graph_breaks(forward, params, state, x), "pfunc func.grad": graph_breaks(grad_fn, params, state, x)}
+    pf_grad_fn = pfunc.grad_and_value(forward, has_aux=True)
+    breaks = {
+        "pfunc": graph_breaks(forward, params, state, x),
+        "pfunc func.grad": graph_breaks(grad_fn, params, state, x),
+        "pfunc pf.grad": graph_breaks(pf_grad_fn, params, state, x),
+    }
     twin, twin_c = tw.torch_module.train(), tw_compiled.torch_module.train()
     snapshot = _Snapshot([twin_c])
     breaks["torch"] = graph_breaks(twin_c, x)
     forward_c, t_pfunc = compile_timed(forward, lambda f: torch.autograd.grad(f(params, state, x)[0], plist), sync, backend)
     grad_c, t_grad = compile_timed(grad_fn, lambda f: f(params, state, x), sync, backend)
+    pf_grad_c, t_pf_grad = compile_timed(pf_grad_fn, lambda f: f(params, state, x), sync, backend)
     tlist, tlist_c = tw.torch_params(), tw_compiled.torch_params()
     twin_compiled, t_torch = compile_timed(twin_c, lambda f: torch.autograd.grad(loss_of(f(x)), tlist_c), sync, backend)
     snapshot.restore()
@@ -166,6 +175,7 @@ def mlp_row(family: Family, sizes: Sizes, device: torch.device, backend: str = "
     pkeys = tw.param_keys
     pview = lambda r: {"out": r[0], "grads": list(r[1]), "state": {k: r[2][k] for k in keys}}  # noqa: E731
     gview = lambda r: {"out": r[1][0], "grads": [r[0][k] for k in pkeys], "state": {k: r[1][1][k] for k in keys}}  # noqa: E731
+    pfview = lambda r: {"out": r[1][1][0], "grads": [r[0][k] for k in pkeys], "state": {k: r[1][1][1][k] for k in keys}}  # noqa: E731
 
     def tview(module: nn.Module) -> Callable[[Any], Any]:
         buffers = dict(module.named_buffers())
@@ -178,6 +188,7 @@ def mlp_row(family: Family, sizes: Sizes, device: torch.device, backend: str = "
             "pfunc eager": Variant(pfunc_with(forward), pview),
             "pfunc compiled": Variant(pfunc_with(forward_c), pview),
             "pfunc func.grad compiled": Variant(lambda: grad_c(params, state, x), gview),
+            "pfunc pf.grad compiled": Variant(lambda: pf_grad_c(params, state, x), pfview),
             "torch eager": Variant(torch_with(twin, tlist), tview(twin)),
             "torch compiled": Variant(torch_with(twin_compiled, tlist_c), tview(twin_c)),
         },
@@ -187,11 +198,12 @@ def mlp_row(family: Family, sizes: Sizes, device: torch.device, backend: str = "
             ("pfunc compiled", "torch compiled"),
             ("torch compiled", "torch eager"),
             ("pfunc func.grad compiled", "pfunc compiled"),
+            ("pfunc pf.grad compiled", "pfunc compiled"),
         ),
         rtol=RTOL,
         atol=ATOL,
         facts={"breaks": breaks},
-        extras=_extras({"pfunc": t_pfunc, "pfunc func.grad": t_grad, "torch": t_torch}, breaks),
+        extras=_extras({"pfunc": t_pfunc, "pfunc func.grad": t_grad, "pfunc pf.grad": t_pf_grad, "torch": t_torch}, breaks),
         sync=sync,
     )
 

@@ -8,6 +8,11 @@ call), its own batch ``(batch, in)`` and MSE loss, SGD with ``lr = 0.01``.
   stacked ``(params, state)`` of all members, then ``p - lr * g`` on the stacked tensors;
 * ``pfunc vmap+backward``: ``torch.func.vmap(loss)`` forward, then one ``torch.autograd.grad``
   of the summed losses (what ``examples/ensemble.py`` does; no ``create_graph``), same update;
+* ``pfunc ensemble.grad_and_value``: :func:`pfunc.ensemble.grad_and_value`, the same route as a
+  library call (fresh leaves, ``torch.func``'s return structure), same update;
+* ``pfunc vmap(pf.grad)``: ``torch.func.vmap(pf.grad_and_value(loss))``; inside ``vmap``
+  :func:`pfunc.grad_and_value` is ``torch.func``'s, so this equals the solo runs (the loop) and
+  costs what ``pfunc vmap`` costs;
 * ``torch loop``: a Python loop of forward + ``backward()`` over N torch-parametrized
   modules, then ``torch.optim.SGD(..., foreach=True).step()`` on all of them.
 
@@ -144,16 +149,40 @@ def comparison(sizes: Sizes, n: int, device: torch.device) -> Comparison:
             new_params = {k: params[k] - LR * g for k, g in zip(keys, grads)}
         return new_params, new_state, losses.detach()
 
+    members_step = pf.ensemble.grad_and_value(loss_fn, has_aux=True)
+
+    def pfunc_ensemble_grad() -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        grads, (losses, new_state) = members_step(params, state, xs, ys)
+        with torch.no_grad():
+            new_params = {k: p - LR * grads[k] for k, p in params.items()}
+        return new_params, new_state, losses
+
+    step_pf_grads = torch.func.vmap(pf.grad_and_value(loss_fn, has_aux=True))
+
+    def pfunc_vmap_pf_grad() -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        grads, (loss, new_state) = step_pf_grads(params, state, xs, ys)
+        with torch.no_grad():
+            new_params = {k: p - LR * grads[k] for k, p in params.items()}
+        return new_params, new_state, loss
+
+    view = lambda r: {"loss": r[2], "params": r[0], "state": r[1]}  # noqa: E731
     return Comparison(
         family=FAMILY_NAME,
         labels={"N": str(n), "member": f"{sizes.ensemble_in}-{sizes.ensemble_hidden}-{sizes.ensemble_hidden}-1", "batch": str(sizes.ensemble_batch)},
         variants={
             "torch loop": Variant(torch_loop, torch_view),
-            "pfunc vmap": Variant(pfunc_vmap, lambda r: {"loss": r[2], "params": r[0], "state": r[1]}),
-            "pfunc vmap+backward": Variant(pfunc_vmap_backward, lambda r: {"loss": r[2], "params": r[0], "state": r[1]}),
+            "pfunc vmap": Variant(pfunc_vmap, view),
+            "pfunc vmap+backward": Variant(pfunc_vmap_backward, view),
+            "pfunc ensemble.grad_and_value": Variant(pfunc_ensemble_grad, view),
+            "pfunc vmap(pf.grad)": Variant(pfunc_vmap_pf_grad, view),
         },
         reference="torch loop",
-        ratios=(("pfunc vmap", "torch loop"), ("pfunc vmap+backward", "torch loop")),
+        ratios=(
+            ("pfunc vmap", "torch loop"),
+            ("pfunc vmap+backward", "torch loop"),
+            ("pfunc ensemble.grad_and_value", "torch loop"),
+            ("pfunc vmap(pf.grad)", "torch loop"),
+        ),
         rtol=1e-4,
         atol=1e-5,
         sync=synchronizer(device),

@@ -5,7 +5,9 @@ Each row runs the same model three (four) ways on the same input ``x (batch, wid
 * ``floor``: a hand-written pure function of the same math (``F.linear(x, sym(W), b)``...);
 * ``torch``: the module parametrized in place by ``torch.nn.utils.parametrize``, called;
 * ``pfunc``: ``net(params, state, x, training=...)`` (materialise + ``functional_call``);
-* ``pfunc func.grad`` (fwd+bwd only): the same through ``torch.func.grad`` instead of autograd.
+* ``pfunc func.grad`` (fwd+bwd only): the same through ``torch.func.grad`` instead of autograd;
+* ``pfunc pf.grad`` (fwd+bwd only): the same through :func:`pfunc.grad` (``torch.func.grad``'s
+  signature and results, computed by ``torch.autograd.grad`` on fresh leaves).
 
 ``fwd`` runs under ``torch.no_grad()``; ``fwd+bwd`` computes ``mean(out**2)`` and its
 gradients with ``torch.autograd.grad`` (nothing accumulates in ``.grad``). The
@@ -21,6 +23,8 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+import pfunc as pf
 
 from .comparison import Comparison, Variant
 from .sizes import Sizes
@@ -146,12 +150,20 @@ def backward_comparison(model: Model, family: Family, training: bool, sizes: Siz
         return loss_of(out), (out, new)
 
     grad_fn = torch.func.grad(loss_fn, has_aux=True)
+    pf_grad_fn = pf.grad(loss_fn, has_aux=True)
 
     def pfunc_func_grad() -> Any:
         return grad_fn(params, state)
 
+    def pfunc_pf_grad() -> Any:
+        return pf_grad_fn(params, state)
+
     buffers = dict(twin.named_buffers())
     pkeys = tw.param_keys
+
+    def grad_view(r: Any) -> dict[str, Any]:
+        return {"out": r[1][0], "grads": [r[0][k] for k in pkeys], "state": _state_view(keys, r[1][1])}
+
     return Comparison(
         family=FAMILY_NAME,
         labels=_labels(model, family, training, "fwd+bwd"),
@@ -159,13 +171,18 @@ def backward_comparison(model: Model, family: Family, training: bool, sizes: Siz
             "floor": Variant(floor, lambda r: {"out": r[0], "grads": list(r[1]), "state": _state_view(keys, r[2])}),
             "torch": Variant(torch_, lambda r: {"out": r[0], "grads": list(r[1]), "state": _state_view(keys, buffers)}),
             "pfunc": Variant(pfunc_, lambda r: {"out": r[0], "grads": list(r[1]), "state": _state_view(keys, r[2])}),
-            "pfunc func.grad": Variant(
-                pfunc_func_grad,
-                lambda r: {"out": r[1][0], "grads": [r[0][k] for k in pkeys], "state": _state_view(keys, r[1][1])},
-            ),
+            "pfunc func.grad": Variant(pfunc_func_grad, grad_view),
+            "pfunc pf.grad": Variant(pfunc_pf_grad, grad_view),
         },
         reference="floor",
-        ratios=(("pfunc", "floor"), ("pfunc", "torch"), ("torch", "floor"), ("pfunc func.grad", "floor")),
+        ratios=(
+            ("pfunc", "floor"),
+            ("pfunc", "torch"),
+            ("torch", "floor"),
+            ("pfunc func.grad", "floor"),
+            ("pfunc pf.grad", "floor"),
+            ("pfunc pf.grad", "pfunc"),
+        ),
         rtol=1e-4,
         atol=1e-5,
         sync=synchronizer(device),

@@ -8,33 +8,51 @@ timesteps ``t`` and noise; under ``unet_dtype`` (bf16 on GPU) the forward runs i
 (betas 0.9, 0.99, as the example's ``make_optimizer``).
 
 * ``torch``: the same Unet with a torch ``nn.Module`` weight standardisation registered on
-  each Block conv by ``register_parametrization``; ``loss.backward()``; AdamW on its parameters;
+  each Block conv by ``register_parametrization``; ``loss.backward()``; AdamW on its parameters
+  (the stateful step every functional route is measured against);
 * ``pfunc``: the example's ``make_loss_fn`` (``net(params, state, x, t, x_self_cond, training=True)``
   on :func:`examples.diffusion.unet.parametrize_unet`); ``loss.backward()``; AdamW on ``params.values()``;
-* ``pfunc func.grad``: the example's own step: ``make_grad_fn`` (``torch.func.grad_and_value``
-  of the same loss), gradients handed to AdamW as ``train_step`` does.
+* ``pfunc func.grad``: ``torch.func.grad_and_value`` of the same loss over ``(params, state)``
+  (the params detached on the way in, so torch.func records no outer graph), gradients handed to
+  AdamW through ``.grad``;
+* ``pfunc pf.grad``: :func:`pfunc.grad_and_value` of the same loss, same hand-over.
 
-Reported: images/s (batch / median step time), peak memory of one step (CUDA: the
-allocator's peak; CPU: the peak of live tensor bytes from ``torch.profiler`` memory
-events), and the FLOPs of one step (``torch.utils.flop_counter``) over the step time.
+Reported: images/s (batch / median step time), the FLOPs of one step
+(``torch.utils.flop_counter.FlopCounterMode``, counted once) over the step time, and the peak
+memory of one step, two ways. ``peak MB``: CUDA, the allocator's peak; CPU, the peak of live
+tensor bytes from ``torch.profiler`` memory events, every route's ``.grad`` cleared first so
+all start from the same tensors. ``peak RSS MB`` (CPU): each route in its own fresh process
+(``python -m benchmarks.unet --route NAME``) that builds all four routes, runs one warm-up
+step of its own, then measures the OS's peak resident set (``VmHWM``, reset through
+``/proc/self/clear_refs``) over one more step, minus the resident set before it; glibc's
+``malloc`` is told to map every block over 64 KiB on its own (``MALLOC_MMAP_THRESHOLD_``) so
+freed memory leaves the resident set and the warm-up's high-water mark cannot hide the step's.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
-from typing import Any, Callable, Iterator, Optional
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize as torch_parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
+import pfunc as pf
+
 from .comparison import Comparison, Variant
 from .sizes import Sizes
 from .timing import Timing, synchronizer
 from .twins import copy_into_pfunc
 
-__all__ = ["available", "TorchWeightStandardization", "comparisons", "peak_memory_bytes", "step_flops"]
+__all__ = ["available", "TorchWeightStandardization", "Steps", "steps", "comparisons", "peak_memory_bytes", "peak_rss_bytes", "step_flops"]
 
 FAMILY_NAME = "unet"
 LR = 1e-4
@@ -109,10 +127,22 @@ def step_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
-def comparison(sizes: Sizes, device: torch.device, peak_tflops: Optional[float] = None) -> Comparison:
-    """The item-6 row, with images/s, peak memory and TFLOP/s measured after the timing."""
+@dataclasses.dataclass
+class Steps:
+    """The four routes' training steps on one Unet, from the same numbers: ``run[name]()`` takes
+    one step and returns the loss; ``params[name]`` are the tensors whose ``.grad`` it leaves."""
+
+    run: dict[str, Callable[[], Tensor]]
+    params: dict[str, list[Tensor]]
+
+
+ROUTES = ("torch", "pfunc", "pfunc func.grad", "pfunc pf.grad")
+
+
+def steps(sizes: Sizes, device: torch.device) -> Steps:
+    """Build the Unet, its torch twin and pfunc's trees, and the step of every route."""
     from examples.diffusion.gaussian_diffusion import GaussianDiffusion, linear_beta_schedule
-    from examples.diffusion.training import make_grad_fn, make_loss_fn, make_optimizer
+    from examples.diffusion.training import make_loss_fn, make_optimizer
     from examples.diffusion.unet import parametrize_unet, weight_standardization_spec
 
     torch.manual_seed(0)
@@ -123,20 +153,21 @@ def comparison(sizes: Sizes, device: torch.device, peak_tflops: Optional[float] 
         torch_parametrize.register_parametrization(twin.get_submodule(owner), leaf, TorchWeightStandardization())
     net = parametrize_unet(plain)
     params, state = copy_into_pfunc(net, twin)
-    params_g = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in params.items()}
     keys = tuple(sorted(params))
+    copies = {name: {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in params.items()} for name in ROUTES[2:]}
     x0, t, noise = _diffusion_batch(sizes, device)
     diffusion = GaussianDiffusion(linear_beta_schedule(1000)).to(device)
     bf16 = sizes.unet_dtype == "bfloat16"
     if sizes.unet_dtype not in (None, "bfloat16"):
         raise ValueError(f"unet_dtype must be None or 'bfloat16' (the example's autocast), got {sizes.unet_dtype!r}")
     loss_fn = make_loss_fn(net, diffusion, bf16=bf16, device_type=device.type)
-    grad_fn = make_grad_fn(loss_fn)
     torch_named = dict(twin.named_parameters())
     torch_params = [torch_named[k] for k in keys]
     opt_torch = torch.optim.AdamW(torch_params, lr=LR, betas=(0.9, 0.99), weight_decay=0.0)
     opt_pfunc = make_optimizer({k: params[k] for k in keys}, LR, 0.0)
-    opt_grad = make_optimizer({k: params_g[k] for k in keys}, LR, 0.0)
+    opts = {name: make_optimizer({k: copies[name][k] for k in keys}, LR, 0.0) for name in copies}
+    func_grad = torch.func.grad_and_value(loss_fn, has_aux=True)
+    pf_grad = pf.grad_and_value(loss_fn, has_aux=True)
 
     def torch_step() -> Tensor:
         opt_torch.zero_grad(set_to_none=True)
@@ -153,26 +184,99 @@ def comparison(sizes: Sizes, device: torch.device, peak_tflops: Optional[float] 
         opt_pfunc.step()
         return loss.detach()
 
-    def pfunc_grad_step() -> Tensor:
-        grads, (loss, _) = grad_fn(params_g, state, x0, t, noise, False)
-        for k, p in params_g.items():
-            p.grad = grads[k]
-        opt_grad.step()
-        return loss.detach()
+    def functional_step(name: str, grad_fn: Callable[..., Any], detach: bool) -> Callable[[], Tensor]:
+        p, opt = copies[name], opts[name]
+
+        def step() -> Tensor:
+            opt.zero_grad(set_to_none=True)
+            grads, (loss, _) = grad_fn({k: v.detach() for k, v in p.items()} if detach else p, state, x0, t, noise, False)
+            for k, v in p.items():
+                v.grad = grads[k]
+            opt.step()
+            return loss.detach()
+
+        return step
+
+    return Steps(
+        run={
+            "torch": torch_step,
+            "pfunc": pfunc_step,
+            "pfunc func.grad": functional_step("pfunc func.grad", func_grad, detach=True),
+            "pfunc pf.grad": functional_step("pfunc pf.grad", pf_grad, detach=False),
+        },
+        params={
+            "torch": torch_params,
+            "pfunc": [params[k] for k in keys],
+            **{name: [copies[name][k] for k in keys] for name in copies},
+        },
+    )
+
+
+def _resident_kib() -> dict[str, int]:
+    """``VmRSS`` and ``VmHWM`` of this process (KiB), from ``/proc/self/status``."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0])
+    return out
+
+
+def peak_rss_bytes(route: str, sizes: Sizes, device: torch.device) -> Optional[int]:
+    """Peak resident-set growth of one ``route`` step, measured in a fresh process (see the module
+    docstring); ``None`` where ``/proc/self/clear_refs`` is not available (not Linux) or on CUDA."""
+    if device.type != "cpu" or not os.path.exists("/proc/self/clear_refs"):
+        return None
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = [sys.executable, "-m", "benchmarks.unet", "--route", route, "--threads", str(torch.get_num_threads()),
+           "--sizes", json.dumps(dataclasses.asdict(sizes))]
+    done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"peak_rss_bytes({route!r}) failed:\n{done.stderr[-2000:]}")
+    return int(json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_bytes"])
+
+
+def _measure_rss(route: str, sizes: Sizes, device: torch.device) -> int:
+    """In this process: build every route, one warm-up step of ``route``, then its step's peak RSS growth."""
+    built = steps(sizes, device)
+    step = built.run[route]
+    step()
+    for p in built.params[route]:
+        p.grad = None
+    before = _resident_kib()["VmRSS"]
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    step()
+    return (_resident_kib()["VmHWM"] - before) * 1024
+
+
+def comparison(sizes: Sizes, device: torch.device, peak_tflops: Optional[float] = None, rss: bool = True) -> Comparison:
+    """The item-6 row, with images/s, peak memory and TFLOP/s measured after the timing
+    (``rss``: also each route's peak RSS in its own process, CPU only)."""
+    built = steps(sizes, device)
 
     def view(tensors: list[Tensor]) -> Callable[[Tensor], dict[str, Any]]:
         return lambda loss: {"loss": loss, "grads": [p.grad for p in tensors]}
 
     sync = synchronizer(device)
-    steps = {"torch": torch_step, "pfunc": pfunc_step, "pfunc func.grad": pfunc_grad_step}
 
     def after(timing: Optional[Timing]) -> dict[str, str]:
-        flops = step_flops(pfunc_step)
+        flops = step_flops(built.run["pfunc"])
         extras = {"GFLOP/step": f"{flops / 1e9:.2f}"}
-        for name, fn in steps.items():
+        for name, fn in built.run.items():
+            for p in built.params[name]:
+                p.grad = None  # every route starts from the same live tensors
             extras[f"peak MB ({name})"] = f"{peak_memory_bytes(fn, device) / 2**20:.0f}"
+        if rss:
+            for name in built.run:
+                peak = peak_rss_bytes(name, sizes, device)
+                if peak is not None:
+                    extras[f"peak RSS MB ({name})"] = f"{peak / 2**20:.0f}"
         if timing is not None:
-            for name in steps:
+            for name in built.run:
                 seconds = timing.medians[name]
                 extras[f"images/s ({name})"] = f"{sizes.unet_batch / seconds:.1f}"
                 extras[f"TFLOP/s ({name})"] = f"{flops / seconds / 1e12:.3g}"
@@ -188,13 +292,9 @@ def comparison(sizes: Sizes, device: torch.device, peak_tflops: Optional[float] 
             "batch": f"{sizes.unet_batch}x{sizes.unet_channels}x{sizes.unet_image}x{sizes.unet_image}",
             "dtype": sizes.unet_dtype or "float32",
         },
-        variants={
-            "torch": Variant(torch_step, view(torch_params)),
-            "pfunc": Variant(pfunc_step, view([params[k] for k in keys])),
-            "pfunc func.grad": Variant(pfunc_grad_step, view([params_g[k] for k in keys])),
-        },
+        variants={name: Variant(fn, view(built.params[name])) for name, fn in built.run.items()},
         reference="torch",
-        ratios=(("pfunc", "torch"), ("pfunc func.grad", "torch")),
+        ratios=(("pfunc", "torch"), ("pfunc func.grad", "torch"), ("pfunc pf.grad", "torch")),
         rtol=5e-2 if lo else 1e-3,
         atol=5e-3 if lo else 1e-5,
         sync=sync,
@@ -206,3 +306,21 @@ def comparisons(sizes: Sizes, device: torch.device | str = "cpu", *, peak_tflops
     """The item-6 row, if the diffusion example is present."""
     if available():
         yield comparison(sizes, torch.device(device), peak_tflops)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m benchmarks.unet --route NAME --sizes JSON``: one route's peak RSS, as JSON on stdout."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.unet", description=main.__doc__)
+    parser.add_argument("--route", required=True, choices=ROUTES)
+    parser.add_argument("--sizes", required=True, help="the Sizes as JSON (dataclasses.asdict)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    fields = json.loads(args.sizes)
+    sizes = Sizes(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    torch.set_num_threads(args.threads)
+    print(json.dumps({"route": args.route, "peak_rss_bytes": _measure_rss(args.route, sizes, torch.device("cpu"))}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

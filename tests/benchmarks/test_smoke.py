@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import os
 
 import pytest
 import torch
 
 from benchmarks import caching, compiled, ensembles, layers, power_iteration, report, run, unet
-from benchmarks.comparison import Comparison, MismatchError, Variant
+from benchmarks.comparison import Comparison, MismatchError, Row, Variant
+from benchmarks.timing import Timing
 from benchmarks.sizes import SMOKE
 
 EAGER_FAMILIES = {
@@ -49,15 +51,58 @@ def test_compiled_rows_agree_and_pfunc_code_has_no_graph_break():
         for name, breaks in comparison.facts["breaks"].items():
             if name.startswith("pfunc"):
                 assert breaks.in_pfunc == 0, breaks.reasons
-    # rows with different variants (func.grad only on the MLP) share one table
+    # rows with different variants (func.grad and pf.grad only on the MLP) share one table
     text = report.table([c.untimed() for c in rows])
-    assert "pfunc func.grad compiled" in text.splitlines()[0] and len(text.splitlines()) == 4
+    header = text.splitlines()[0]
+    assert "pfunc func.grad compiled" in header and "pfunc pf.grad compiled" in header and len(text.splitlines()) == 4
 
 
 @pytest.mark.slow
 def test_every_compiled_row_agrees_with_inductor():
     for comparison in compiled.comparisons(SMOKE):
         comparison.check()
+
+
+@pytest.mark.skipif(not unet.available(), reason="examples/diffusion/unet.py not present")
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS needs Linux's /proc/self/clear_refs")
+def test_unet_peak_rss_runs_a_route_in_its_own_process():
+    peak = unet.peak_rss_bytes("pfunc pf.grad", SMOKE, torch.device("cpu"))  # tiny sizes: may be ~0
+    assert isinstance(peak, int) and peak >= 0
+    with pytest.raises(SystemExit):
+        unet.main(["--route", "no such route", "--sizes", "{}"])
+
+
+def _timed(family, labels, medians, extras=None):
+    """A row with made-up medians, to exercise the goals' bookkeeping."""
+    variants = {name: Variant(lambda: None) for name in medians}
+    c = Comparison(family, labels, variants, reference=next(iter(medians)), ratios=())
+    t = Timing(medians=medians, q1=medians, q3=medians, repeats=1, numbers={k: 1 for k in medians})
+    return Row(c, t, extras or {})
+
+
+@pytest.mark.parametrize("pf_time, pf_peak, status", [(0.99, "205", "met"), (1.01, "205", "not met"), (0.99, "240", "not met")])
+def test_the_unet_goal_judges_time_and_both_memory_figures(pf_time, pf_peak, status):
+    extras = {"peak MB (torch)": "204", "peak MB (pfunc pf.grad)": pf_peak, "peak RSS MB (torch)": "209", "peak RSS MB (pfunc pf.grad)": "209"}
+    row = _timed("unet", {"Unet": "dim 16"}, {"torch": 1.0, "pfunc pf.grad": pf_time}, extras)
+    (goal,) = [g for g in report.goals([row], "cpu") if g.text.startswith("Unet step")]
+    assert goal.status == status and f"time {pf_time:.2f}" in goal.evidence and f"{pf_peak} vs 204 MB" in goal.evidence
+
+
+@pytest.mark.parametrize("ratio, status", [(1 / 6.5, "met"), (1 / 5.5, "not met")])
+def test_the_ensemble_grad_goal_needs_six_times_at_32(ratio, status):
+    medians = {"torch loop": 1.0, "pfunc ensemble.grad_and_value": ratio, "pfunc vmap(pf.grad)": 0.3}
+    rows = [_timed("ensembles", {"N": n}, medians) for n in ("8", "32")]
+    (goal,) = [g for g in report.goals(rows, "cpu") if g.text.startswith("pf.ensemble.grad_and_value")]
+    assert goal.status == status and f"({1 / ratio:.1f}x faster)" in goal.evidence
+
+
+def test_the_pf_grad_goals_count_only_rows_that_have_the_variant():
+    rows = [
+        _timed("layers", {"pass": "fwd"}, {"floor": 1.0, "pfunc": 1.0, "torch": 1.0}),
+        _timed("layers", {"pass": "fwd+bwd"}, {"floor": 1.0, "pfunc": 1.0, "torch": 1.0, "pfunc pf.grad": 1.12}),
+    ]
+    (goal,) = [g for g in report.goals(rows, "cpu") if g.text.startswith("pf.grad within")]
+    assert goal.status == "not met (0 of 1 rows)" and "fwd+bwd 1.12" in goal.evidence
 
 
 def test_torch_vmap_route_is_reported():
