@@ -39,7 +39,7 @@ from examples.images import save_image_grid
 from examples.progress import progress
 
 from .checkpoint import CheckpointError, read_checkpoint
-from .cli import ShortErrorParser, check_memory, machine_load_note, resolve_device
+from .cli import ShortErrorParser, choose_threads, check_memory, resolve_device
 from .config import SEED_LIMIT, ConfigError
 from .data import BadImageError, load_image_folder
 from .folders import FolderError, check_can_create, new_timestamped_folder, timestamp
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-images", action="store_true",
                    help="with --score on a folder data set: leave out image files that cannot be read instead of stopping")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: one per core; 1 is often faster on a machine busy with other jobs)")
+                   help="CPU threads for torch (default: one per core, or 1 when the load average is above the core count)")
     return p
 
 
@@ -140,8 +140,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started, t_start = timestamp(), time.perf_counter()
     try:
         _check_flags(args)
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
         device = resolve_device(args.device)
         ckpt = checkpoint_path(args.run)
         payload, sha256 = read_checkpoint(ckpt)
@@ -175,10 +173,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted before sampling: nothing was written", file=sys.stderr)
         return 130
-    note = machine_load_note(args.threads)
+
+    note = choose_threads(args.threads)  # after every check, before the first real work
     if note:
         print(note, file=sys.stderr)
-
     weights = payload["ema"] if args.ema else payload["params"]
     sampler = "ddpm" if steps == cfg.timesteps else "ddim"
     print(f"sampling {args.num_samples} images from {ckpt} (step {payload['step']}, {'EMA' if args.ema else 'raw'} params): "

@@ -40,7 +40,7 @@ from examples.plots import save_line_plot
 from examples.progress import progress
 
 from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from .cli import ShortErrorParser, check_compile_backend, check_memory, machine_load_note, resolve_device
+from .cli import ShortErrorParser, choose_threads, check_compile_backend, check_memory, resolve_device
 from .config import PRESETS, RUN_OPTIONS, SEED_LIMIT, ConfigError, TrainConfig, config_differences, flag, validate
 from .data import BadImageError, BatchOrder, draw_shapes, load_image_folder
 from .folders import FolderError, check_can_create, check_writable, new_timestamped_folder
@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto",
                      help="'auto' (the first CUDA device, else CPU; the default), 'cpu', 'cuda', 'cuda:N' or 'mps'")
     run.add_argument("--threads", type=int, default=None,
-                     help="CPU threads for torch (default: torch's choice, one per core); on a machine busy with "
-                     "other jobs, 1 is often much faster than threads fighting for the cores (the run says when it sees one)")
+                     help="CPU threads for torch (default: one per core, or 1 when the load average is above the core "
+                     "count: threads fighting other jobs for the cores run about ten times slower, and the run says so)")
     run.add_argument("--seed", type=int, help="seed of the model init, batch order, noise and sampling, in [0, 2**63)" + _preset_note("seed"))
     run.add_argument("--results-dir", default="results", help="parent folder of the timestamped run folder (default: results)")
     run.add_argument("--resume", metavar="PATH", default=None,
@@ -308,9 +308,6 @@ def _prepare(args: argparse.Namespace) -> _Plan:
         raise ConfigError(f"--data-dir must name a folder, got {args.data_dir!r}")
     if args.resume is None and not args.results_dir.strip():
         raise ConfigError(f"--results-dir must name a folder, got {args.results_dir!r}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-
     payload, ckpt = None, None
     if args.resume is not None:
         ckpt = checkpoint_path(args.resume)
@@ -348,6 +345,9 @@ def _prepare(args: argparse.Namespace) -> _Plan:
     else:
         check_can_create(args.results_dir, "--results-dir")
 
+    note = choose_threads(args.threads)  # after every flag check, before the first real work
+    if note:
+        print(note, file=sys.stderr)
     data, skipped = load_data(cfg, skip_bad=args.skip_bad_images)
     if args.epochs is not None:
         cfg = cfg.replace(steps=_steps_for_epochs(args.epochs, cfg, data.shape[0]))
@@ -398,9 +398,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         more = f" ({len(plan.skipped) - 10} more not shown)" if len(plan.skipped) > 10 else ""
         print(f"warning: --skip-bad-images left out {len(plan.skipped)} of {len(plan.skipped) + plan.data.shape[0]} "
               f"image files{more}", file=sys.stderr)
-    note = machine_load_note(args.threads)
-    if note:
-        print(note, file=sys.stderr)
     try:
         return _train(args, parser, plan, t_start)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the guarded loops

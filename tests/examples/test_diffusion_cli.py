@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from examples.diffusion.checkpoint import load_checkpoint, save_checkpoint
-from examples.diffusion.cli import machine_load_note
+from examples.diffusion.cli import choose_threads
 from examples.diffusion.config import PRESETS, TrainConfig
 from examples.diffusion.data import draw_shapes
 from examples.diffusion.train import build_parser, main, resolve_device
@@ -128,15 +128,18 @@ def test_results_dir_on_a_read_only_folder_is_refused_before_any_work(capsys, tm
     assert os.listdir(ro) == []
 
 
-def test_a_busy_machine_is_noticed_with_the_threads_advice(monkeypatch):
+def test_a_busy_machine_runs_on_one_thread_and_says_so_unless_threads_is_given(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     torch.set_num_threads(2)   # the one_thread fixture restores it
-    note = machine_load_note(None)
-    assert note.startswith("note: this machine is busy (load average 9.0 on 2 cores)") and "--threads 1" in note
-    assert machine_load_note(1) is None
+    note = choose_threads(None)
+    assert torch.get_num_threads() == 1
+    assert note == ("note: this machine is busy (load average 9.0 on 2 cores): running on 1 thread instead of torch's 2, "
+                    "which is many times faster when other processes compete for the cores (--threads 2 to use them anyway)")
+    torch.set_num_threads(2)
+    assert choose_threads(2) is None and torch.get_num_threads() == 2     # --threads is obeyed
     monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 1.0, 1.0))
-    assert machine_load_note(None) is None
+    assert choose_threads(None) is None and torch.get_num_threads() == 2  # an idle machine keeps torch's default
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
