@@ -175,7 +175,8 @@ def _check_tensors(what: str, saved: Mapping[str, Tensor], expected: Mapping[str
         s = saved[k]
         if s.shape != v.shape or s.dtype != v.dtype:
             raise CheckpointError(
-                f"checkpoint {where!r}: {what}[{k!r}] is {s.dtype} {tuple(s.shape)}, this model's is {v.dtype} {tuple(v.shape)} (do not fit this model)"
+                f"checkpoint {where!r}: {what}[{k!r}] is {s.dtype} {tuple(s.shape)}, but this model's is {v.dtype} {tuple(v.shape)}: "
+                "the checkpoint does not fit this model"
             )
 
 

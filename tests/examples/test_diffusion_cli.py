@@ -221,7 +221,7 @@ def test_resume_from_a_checkpoint_of_another_model_is_refused(finished_run, caps
     assert "--dim: checkpoint 16, now 8" in capsys.readouterr().err
     # ... and without flags, the tensors do not fit the model the config describes
     assert main(["--resume", str(tmp_path / "other.pt")]) == 1
-    assert "do not fit this model" in capsys.readouterr().err
+    assert "the checkpoint does not fit this model" in capsys.readouterr().err
 
 
 def test_truncated_checkpoint_on_resume_is_an_error_not_a_fresh_start(finished_run, capsys, tmp_path):

@@ -76,9 +76,9 @@ CASES = {
 
 FIT_CASES = {
     "a param of another shape": (lambda p: p["params"].__setitem__("final_conv.weight", torch.zeros(1, 8, 1, 1, 1)),
-                                 "params['final_conv.weight'] is torch.float32 (1, 8, 1, 1, 1), this model's is torch.float32 (1, 8, 1, 1)"),
+                                 "params['final_conv.weight'] is torch.float32 (1, 8, 1, 1, 1), but this model's is torch.float32 (1, 8, 1, 1): the checkpoint does not fit this model"),
     "a param in float64": (lambda p: p["params"].__setitem__("final_conv.weight", p["params"]["final_conv.weight"].double()),
-                           "params['final_conv.weight'] is torch.float64 (1, 8, 1, 1), this model's is torch.float32 (1, 8, 1, 1)"),
+                           "params['final_conv.weight'] is torch.float64 (1, 8, 1, 1), but this model's is torch.float32 (1, 8, 1, 1)"),
     "a state tensor missing": (lambda p: p["state"].pop(_first(p["state"])) if p["state"] else p["state"].__setitem__("x", torch.zeros(1)),
                                "its state do not fit this model"),
     "an EMA tensor extra": (lambda p: p["ema"].__setitem__("extra.weight", torch.zeros(1)), "its EMA params do not fit this model: missing [], unexpected ['extra.weight']"),
