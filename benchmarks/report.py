@@ -210,7 +210,7 @@ def _unet_goal(rows: Sequence[Row]) -> Goal:
     for r in unet:
         time_ratio = r.ratio("pfunc pf.grad", "torch")
         ok &= time_ratio <= 1.00
-        part = f"{_name(r)}: time {time_ratio:.2f}"
+        part = f"{_name(r)}: time {time_ratio:.3f}"
         for label, key in (("peak", "peak MB"), ("peak RSS", "peak RSS MB")):
             a, b = r.extras.get(f"{key} (pfunc pf.grad)"), r.extras.get(f"{key} (torch)")
             if a is not None and b is not None and float(b) > 0:

@@ -85,7 +85,7 @@ def test_the_unet_goal_judges_time_and_both_memory_figures(pf_time, pf_peak, sta
     extras = {"peak MB (torch)": "204", "peak MB (pfunc pf.grad)": pf_peak, "peak RSS MB (torch)": "209", "peak RSS MB (pfunc pf.grad)": "209"}
     row = _timed("unet", {"Unet": "dim 16"}, {"torch": 1.0, "pfunc pf.grad": pf_time}, extras)
     (goal,) = [g for g in report.goals([row], "cpu") if g.text.startswith("Unet step")]
-    assert goal.status == status and f"time {pf_time:.2f}" in goal.evidence and f"{pf_peak} vs 204 MB" in goal.evidence
+    assert goal.status == status and f"time {pf_time:.3f}" in goal.evidence and f"{pf_peak} vs 204 MB" in goal.evidence
 
 
 @pytest.mark.parametrize("ratio, status", [(1 / 6.5, "met"), (1 / 5.5, "not met")])
