@@ -7,9 +7,10 @@ threads calling it get each other's, and an interrupt in its restore loop leaves
 
 A :class:`ShadowPool` runs the same code on a *shadow* instead: for every submodule, an object
 of the same class with the same attributes, but with its own ``_parameters``, ``_buffers`` and
-``_modules`` dicts and its own ``training`` flag. Shadows are built once per thread (and per
-nesting depth) and reused, so a call costs a dict write per tensor; the module itself is never
-written, not even during a call. A shadow is a snapshot of the module's structure and plain
+``_modules`` dicts and its own ``training`` flag. Shadows are built once and reused: a call takes
+an idle one (or builds one, when every shadow is busy in another thread or in an enclosing call)
+and gives it back, so concurrent calls never share a shadow and a call costs a dict write per
+tensor; the module itself is never written, not even during a call. A shadow is a snapshot of the module's structure and plain
 attributes when the pool was built; only the tensors and (with ``training=None``) the modes are
 read afresh on every call.
 
@@ -31,7 +32,6 @@ and :meth:`ShadowPool.run` returns exactly the buffers that changed. Parameters 
 
 from __future__ import annotations
 
-import threading
 import types
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional, Union
@@ -49,11 +49,6 @@ _functorch = torch._C._functorch
 _lazy_clone = getattr(torch, "_lazy_clone", None)
 _is_cow = getattr(torch._C, "_is_cow_tensor", None)
 _SLOT_DICTS = ("_parameters", "_buffers", "_modules")
-
-
-def _transformed() -> bool:
-    """Inside ``torch.compile`` tracing or a ``torch.func`` transform (``vmap``, ``grad``...)."""
-    return torch.compiler.is_compiling() or _functorch.maybe_current_level() is not None
 
 
 def _copy_on_write(t: Tensor, transformed: bool) -> Tensor:
@@ -100,8 +95,7 @@ class _Shadow:
             m = stack.pop()
             if id(m) in shadows:
                 continue
-            cls = type(m)
-            shadows[id(m)] = cls.__new__(cls)
+            shadows[id(m)] = object.__new__(type(m))  # no __init__, no class-level __new__ tricks
             pairs.append((m, shadows[id(m)]))
             stack.extend(c for c in m._modules.values() if c is not None)
         for m, s in pairs:
@@ -171,6 +165,7 @@ class ShadowPool:
     def __init__(self, module: nn.Module):
         if not isinstance(module, nn.Module):
             raise TypeError(f"ShadowPool: module must be an nn.Module, got {type(module).__name__}")
+        _refuse_distributed_wrappers(module)
         self.module = module
         aliases = _alias_map(module)
         self.aliases: Mapping[str, str] = MappingProxyType(aliases)
@@ -178,20 +173,17 @@ class ShadowPool:
         self._buffers = _tensor_names(module, "named_buffers", aliases)
         self.param_keys = frozenset(key for *_, key in self._params)
         self.buffer_keys = frozenset(key for *_, key in self._buffers)
-        self._local = threading.local()
+        self._free: list[_Shadow] = []  # idle shadows; a call takes one (list.pop is atomic), so concurrent calls never share
         self._traced = _Shadow(module, self._params, self._buffers)  # the one torch.compile traces
 
     def __reduce__(self):
         return (ShadowPool, (self.module,))
 
     def _acquire(self) -> _Shadow:
-        free = self._local.__dict__.get("free")
-        if free:
-            return free.pop()
-        return _Shadow(self.module, self._params, self._buffers)
-
-    def _release(self, shadow: _Shadow) -> None:
-        self._local.__dict__.setdefault("free", []).append(shadow)
+        try:
+            return self._free.pop()
+        except IndexError:  # every shadow is busy (other threads, or calls nested in this one)
+            return _Shadow(self.module, self._params, self._buffers)
 
     def run(
         self,
@@ -212,7 +204,6 @@ class ShadowPool:
         transform, where writes cannot be told apart, it holds every buffer.
         ``values`` must hold every canonical tensor name; nothing in it is written.
         """
-        transformed = _transformed()
         compiling = torch.compiler.is_compiling()
         shadow = self._traced if compiling else self._acquire()
         try:
@@ -220,6 +211,7 @@ class ShadowPool:
             for d, leaf, key in shadow.param_slots:
                 d[leaf] = values[key]
             given: dict[str, Tensor] = {}
+            transformed = bool(shadow.buffer_slots) and (compiling or _functorch.maybe_current_level() is not None)
             for d, leaf, key in shadow.buffer_slots:
                 t = given.get(key)
                 if t is None:
@@ -245,7 +237,41 @@ class ShadowPool:
         finally:
             shadow.clear()
             if not compiling:
-                self._release(shadow)
+                self._free.append(shadow)
+
+
+def _distributed_wrappers() -> tuple[type, ...]:
+    if not torch.distributed.is_available():
+        return ()
+    from torch.nn.parallel import DistributedDataParallel
+
+    kinds: list[type] = [DistributedDataParallel]
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        kinds.append(FullyShardedDataParallel)
+        from torch.distributed.fsdp import FSDPModule  # torch >= 2.6
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule  # torch 2.4, 2.5
+        except ImportError:
+            return tuple(kinds)
+    kinds.append(FSDPModule)
+    return tuple(kinds)
+
+
+def _refuse_distributed_wrappers(module: nn.Module) -> None:
+    """DDP and FSDP act on their module's own parameters from hooks (gradient reduction, all-gathers
+    written into the module): a private call would bypass them, or they would write the module."""
+    kinds = _distributed_wrappers()
+    for name, m in module.named_modules():
+        if isinstance(m, kinds):
+            where = f"'{name}'" if name else "the module"
+            raise TypeError(
+                f"{where} is wrapped by {type(m).__name__}, whose hooks work on the module's own parameters; "
+                "give pfunc the plain module (ddp.module, or the model before fully_shard) and average "
+                "functional gradients with pf.distributed.all_reduce"
+            )
 
 
 def _alias_map(module: nn.Module) -> dict[str, str]:

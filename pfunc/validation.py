@@ -7,7 +7,8 @@ back to the module's own tensor). Every check here reads its inputs and writes n
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -19,7 +20,7 @@ _HINT = " (build params and state with net.init())"
 
 def check_mapping(what: str, tree: Any) -> None:
     """``tree`` is a mapping (a dict of tensors), or a ``TypeError`` naming ``what``."""
-    if not isinstance(tree, Mapping):
+    if type(tree) is not dict and not isinstance(tree, Mapping):
         raise TypeError(
             f"{what} must be a dict of tensors keyed like the module's state_dict, got {type(tree).__name__}" + _HINT
         )
@@ -43,26 +44,26 @@ def check_tensors(
     trees: Mapping[str, Mapping[str, Any]],
     shapes: Optional[Mapping[str, torch.Size]] = None,
 ) -> None:
-    """Every value is a ``Tensor``; the first tree's tensors have ``shapes`` where given; no ``meta``
-    tensor (no data) sits among real ones. Errors name the first offender, with both shapes."""
-    meta: Optional[str] = None
-    real = False
-    first = True
+    """Every value of every tree is a ``Tensor``; the first tree's tensors have ``shapes`` where
+    given; no ``meta`` tensor (a shape without data) sits among real ones, where torch would
+    silently compute with uninitialised memory (``F.linear(x, meta_weight)`` returns a CPU tensor).
+    Errors name the first offender, with both shapes for a shape."""
+    meta = False
     for what, tree in trees.items():
         for k, t in tree.items():
             if not isinstance(t, Tensor):
                 raise TypeError(f"{what}['{k}'] is {type(t).__name__}, expected a Tensor")
-            if first and shapes is not None:
-                s = shapes.get(k)
-                if s is not None and t.shape != s:
-                    raise ValueError(_shape_message(what, k, t.shape, s))
-            if t.is_meta:
-                meta = meta or f"{what}['{k}']"
-            else:
-                real = True
-        first = False
-    if meta is not None and real:
-        raise ValueError(f"{meta} is a meta tensor (a shape without data) among real tensors; give it a value")
+            meta = meta or t.is_meta
+    if shapes:
+        what, first = next(iter(trees.items()))
+        for k, s in shapes.items():
+            t = first.get(k)
+            if t is not None and t.shape != s:
+                raise ValueError(_shape_message(what, k, t.shape, s))
+    if meta:
+        offenders = [f"{what}['{k}']" for what, tree in trees.items() for k, t in tree.items() if t.is_meta]
+        if len(offenders) < sum(len(tree) for tree in trees.values()):
+            raise ValueError(f"{offenders[0]} is a meta tensor (a shape without data) among real tensors; give it a value")
 
 
 def _shape_message(what: str, key: str, got: torch.Size, want: torch.Size) -> str:

@@ -92,31 +92,35 @@ def test_another_thread_reading_the_module_mid_call_sees_its_own_tensors():
     assert "out" in result
 
 
-def test_each_thread_and_each_nesting_depth_gets_its_own_shadow_reused_across_calls():
+def test_concurrent_and_nested_calls_get_shadows_of_their_own_and_sequential_calls_reuse_one():
     seen = []
+    both_inside = threading.Barrier(2, timeout=10)
 
     class Recorder(nn.Linear):
-        def forward(self, x, depth=0):
-            seen.append((threading.get_ident(), depth, id(self)))
-            if depth == 0:
-                pool.run(_values(self_module), (x,), {"depth": 1})
+        def forward(self, x, depth=0, concurrent=False):
+            seen.append((depth, concurrent, id(self)))
+            if concurrent:
+                both_inside.wait()  # two threads inside a call at once
+            if depth == 0 and not concurrent:
+                pool.run(_values(module), (x,), {"depth": 1})
             return super().forward(x)
 
-    self_module = Recorder(2, 2)
-    pool = ShadowPool(self_module)
+    module = Recorder(2, 2)
+    pool = ShadowPool(module)
     x = torch.ones(1, 2)
-    for _ in range(2):
-        pool.run(_values(self_module), (x,))
-    worker = threading.Thread(target=lambda: pool.run(_values(self_module), (x,)))
-    worker.start()
-    worker.join()
-    main = [s for s in seen if s[0] == threading.get_ident()]
-    other = [s for s in seen if s[0] != threading.get_ident()]
-    outer = {i for _, d, i in main if d == 0}
-    inner = {i for _, d, i in main if d == 1}
-    assert len(outer) == 1 and len(inner) == 1 and outer != inner  # reused; nested calls do not share
-    assert id(self_module) not in outer | inner
-    assert {i for *_, i in other}.isdisjoint(outer | inner)  # another thread builds its own
+    for _ in range(3):
+        pool.run(_values(module), (x,))
+    outer = {i for d, c, i in seen if d == 0 and not c}
+    inner = {i for d, c, i in seen if d == 1}
+    assert len(outer) == 1 and len(inner) == 1 and outer != inner  # reused; a nested call does not share
+    threads = [threading.Thread(target=pool.run, args=(_values(module), (x,), {"concurrent": True})) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    concurrent = [i for d, c, i in seen if c]
+    assert len(concurrent) == 2 and concurrent[0] != concurrent[1]
+    assert id(module) not in {i for *_, i in seen}
 
 
 def test_training_sets_every_mode_for_the_call_and_none_follows_the_modules_modes():
@@ -173,7 +177,7 @@ def test_a_shadow_keeps_no_tensor_of_a_finished_call():
     pool = ShadowPool(model)
     values = _values(model)
     pool.run(values, (torch.ones(1, 2),))
-    (shadow,) = pool._local.free
+    (shadow,) = pool._free
     assert all(v is None for v in shadow.root._parameters.values())
 
 
@@ -204,3 +208,26 @@ def test_a_torch_compiled_call_traces_the_shadow_without_graph_breaks():
     for k in eager_changed:
         torch.testing.assert_close(changed[k], eager_changed[k])
     assert all(torch.equal(values[k], before[k]) for k in values)  # the inputs were not mutated by the graph
+
+
+def test_a_module_wrapped_by_ddp_or_fully_shard_is_refused_with_the_way_out(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch built without torch.distributed")
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(nn.Linear(3, 3))
+        with pytest.raises(TypeError, match="wrapped by DistributedDataParallel.*ddp.module"):
+            ShadowPool(ddp)
+        model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+        fully_shard(model[0])
+        with pytest.raises(TypeError, match="'0' is wrapped by FSDPLinear"):
+            ShadowPool(model)
+    finally:
+        dist.destroy_process_group()
