@@ -151,9 +151,21 @@ def _path(path: Sequence[Any]) -> str:
 
 @dataclass(frozen=True)
 class _Leaves:
+    """A tree's tensors in the order of their key paths (so every rank agrees on it, whatever
+    dict order optree uses in this process: importing ``torch.utils._cxx_pytree``, as dynamo
+    does, switches the "torch" namespace to insertion order for good)."""
+
     tensors: list[Tensor]
     names: list[str]
     spec: Any  # optree PyTreeSpec
+    positions: list[int]  # positions[i]: where tensors[i] sits in the spec's flattening order
+
+    def unflatten(self, values: list[Any]) -> Any:
+        """The tree with ``values[i]`` in place of ``tensors[i]``."""
+        leaves: list[Any] = [None] * len(values)
+        for i, v in zip(self.positions, values):
+            leaves[i] = v
+        return optree.tree_unflatten(self.spec, leaves)
 
 
 def _flatten(tree: Tree, where: str, argname: str) -> _Leaves:
@@ -172,7 +184,8 @@ def _flatten(tree: Tree, where: str, argname: str) -> _Leaves:
             raise TypeError(f"{where}: {argname}['{name}'] has layout {leaf.layout}; only dense (strided) tensors are supported")
         if leaf.device.type == "meta":
             raise ValueError(f"{where}: {argname}['{name}'] is on the meta device and has no values to communicate")
-    return _Leaves(leaves, names, spec)
+    order = sorted(range(len(names)), key=names.__getitem__)
+    return _Leaves([leaves[i] for i in order], [names[i] for i in order], spec, order)
 
 
 def _dtensor_type() -> Optional[type]:
@@ -218,7 +231,7 @@ def _all_gather_rows(row: Tensor, g: _Group, where: str, what: str) -> list[Tens
 def _structure(leaves: _Leaves, g: _Group, where: str, argname: str, plan: Any = None) -> bool:
     """Raise ValueError on every rank unless every rank has the same keys, shapes, dtypes and
     device types. With ``plan``, also compare it: ``True`` when every rank has the same plan."""
-    signature = (str(leaves.spec), _signature(leaves))
+    signature = _signature(leaves)
     mine = torch.tensor([_digest(signature), _digest(plan)], dtype=torch.int64)
     rows = _all_gather_rows(mine, g, where, "the structure check (an all-gather)")
     if len({int(r[0]) for r in rows}) != 1:
@@ -229,9 +242,9 @@ def _structure(leaves: _Leaves, g: _Group, where: str, argname: str, plan: Any =
 
 
 def _first_difference(signatures: list[Any]) -> str:
-    spec0, sig0 = signatures[0]
+    sig0 = signatures[0]
     entries0 = {name: rest for name, *rest in sig0}
-    for rank, (spec, sig) in enumerate(signatures[1:], start=1):
+    for rank, sig in enumerate(signatures[1:], start=1):
         entries = {name: rest for name, *rest in sig}
         for name, *rest in sig0:
             if name not in entries:
@@ -242,9 +255,7 @@ def _first_difference(signatures: list[Any]) -> str:
         for name, *_ in sig:
             if name not in entries0:
                 return f"key '{name}' is on rank {rank} but not on rank 0"
-        if spec != spec0:
-            return f"the tree structure is {spec0} on rank 0 but {spec} on rank {rank}"
-    return "the structure signatures differ"  # unreachable unless repr is unstable
+    return "the structure signatures differ"  # unreachable
 
 
 def _describe(shape: tuple[int, ...], dtype: str, device: str) -> str:
@@ -304,7 +315,7 @@ def _items(tensors: Sequence[Tensor]) -> list[tuple[torch.device, torch.dtype, i
 def bucket_plan(tree: Tree, *, bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB) -> list[list[str]]:
     """The keys of each bucket :func:`all_reduce` would send, in launch order (no communication).
 
-    Buckets are filled in the tree's flattening order (optree's: a dict's keys sorted), one
+    Buckets are filled in the order of the tensors' key paths (a dict's keys sorted), one
     stream per (device, dtype), closing a bucket when the next tensor would overflow the cap,
     and go in the order they complete (by their last key):
 
@@ -388,7 +399,7 @@ class Pending:
             assert flat is not None
             for i, piece in zip(b.members, flat.split(b.numels)):
                 out[i] = piece.view(self._leaves.tensors[i].shape)
-        self._result = optree.tree_unflatten(self._leaves.spec, out)
+        self._result = self._leaves.unflatten(out)
         self._flats = [None] * len(self._buckets)
         self._works = [None] * len(self._buckets)
         return self._result
@@ -742,7 +753,7 @@ def broadcast(
             value = (value.view(torch.bool) if t.dtype == torch.bool else value.view(t.dtype)).view(t.shape)
             out[i] = value.requires_grad_(t.requires_grad)
             offset += n
-    return optree.tree_unflatten(leaves.spec, out)
+    return leaves.unflatten(out)
 
 
 def _padded(nbytes: int) -> int:
