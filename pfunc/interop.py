@@ -16,7 +16,7 @@ True
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from . import registration as reg
 from .chain import Chain, Step
 from .execution import Method, ShadowPool
-from .tree import original_key, step_key
+from .tree import original_key, pick, pick_steps, step_key
 from .validation import check_keys, check_mapping, check_tensors, check_training
 
 __all__ = ["Parametrized", "parametrize", "is_parametrized"]
@@ -233,9 +233,9 @@ class Parametrized:
             values[k] = state[k]
         new_state = None
         for plan in self._plans:
-            originals = _pick(state if plan.chain.is_buffer else params, plan.original_keys)
-            sp = _pick_steps(params, plan.step_param_keys)
-            ss = _pick_steps(state, plan.step_state_keys)
+            originals = pick(state if plan.chain.is_buffer else params, plan.original_keys)
+            sp = pick_steps(params, plan.step_param_keys)
+            ss = pick_steps(state, plan.step_state_keys)
             y, ss_new = plan.chain.forward(originals, sp, ss, training)
             values[plan.name] = y
             if plan.stateful and training:
@@ -324,34 +324,7 @@ class Parametrized:
         first), exactly as ``module.weight = value`` with torch; a plain name is
         replaced (same shape and dtype required).
         """
-        self.check_keys(params, state)
-        check_mapping("updates", updates)
-        params, state = dict(params), dict(state)
-        for raw_name, value in updates.items():
-            name = self.canonical_name(raw_name)
-            where = self._where(name)
-            if not isinstance(value, Tensor):
-                raise TypeError(f"assign: value for '{raw_name}' must be a Tensor, got {reg.describe(value)}")
-            if where in ("params", "state"):
-                tree = params if where == "params" else state
-                reg.check_like(value, tree[name], f"assign: value for '{raw_name}'")
-                tree[name] = reg.fresh(value, tree[name].requires_grad)
-                continue
-            plan = next(p for p in self._plans if p.name == name)
-            chain = plan.chain
-            sp = _pick_steps(params, plan.step_param_keys)
-            ss = _pick_steps(state, plan.step_state_keys)
-            with torch.no_grad():
-                new, ss_new = chain.right_inverse(value, sp, ss, generator)
-            source = state if chain.is_buffer else params
-            old = _pick(source, plan.original_keys)
-            new = reg.check_assigned_originals(name, raw_name, plan.original_keys, old, new, chain.is_tensor, any(chain.unsafe))
-            for key, o, n in zip(plan.original_keys, old, new):
-                source[key] = reg.fresh(n, o.requires_grad)
-            for keys, s in zip(plan.step_state_keys, ss_new):
-                for l, k in keys:
-                    state[k] = s[l].detach()
-        return params, state
+        return reg.assign_values(self, params, state, updates, generator)
 
     # ------------------------------------------------------------------ registration and removal
     def register(
@@ -383,61 +356,7 @@ class Parametrized:
         unsafe: bool,
         generator: Optional[torch.Generator],
     ) -> tuple["Parametrized", Params, State]:
-        where = self._where(name)
-        params, state = dict(params), dict(state)
-        chains, layout, shapes = dict(self.chains), dict(self._layout), dict(self._shapes)
-        if where == "chain":
-            current = self.materialize(params, state, training=False)[0][name].detach()
-        else:
-            current = (params if where == "params" else state)[name]
-        step = reg.bind(step, self.module, name, current)
-        sp, ss = step.init(current, generator)
-        if where != "chain":
-            new = current  # no right_inverse, or one that raises NotImplementedError: the identity (as torch)
-            with torch.no_grad():
-                if step.has_right_inverse:
-                    try:
-                        new, ss = step.right_inverse(current, sp, ss, generator)
-                    except NotImplementedError:
-                        pass
-            originals, n_originals = reg.originals_from(new, current, name)
-            chain = Chain((step,), n_originals, is_buffer=(where == "state"), unsafe=(unsafe,))
-            if not unsafe:
-                with torch.no_grad():
-                    Z, _ = chain.forward(originals, [sp], [ss], training=False)
-                reg.check_output(Z, current, name, "Registering a parametrization")
-            tree = state if where == "state" else params
-            del tree[name]
-            shapes.pop(name, None)
-            for o, t in zip(chain.original_names, originals):
-                tree[original_key(name, o)] = reg.fresh(t, current.requires_grad)
-                if where == "params":
-                    shapes[original_key(name, o)] = t.shape
-            chains[name] = chain
-            layout[name] = ((tuple(sp),), (tuple(ss),))
-        else:
-            if not unsafe:
-                with torch.no_grad():
-                    X, _ = step.forward((current,), sp, ss, False)
-                    reg.check_output(X, current, name, "Registering a parametrization on a parametrized tensor")
-                    if step.has_right_inverse:
-                        try:
-                            Z, _ = step.right_inverse(X, sp, ss, generator)
-                        except NotImplementedError:
-                            pass
-                        else:
-                            reg.check_right_inverse_output(Z, current, name)
-            old = chains[name]
-            chains[name] = Chain(old.steps + (step,), old.n_originals, old.is_buffer, old.unsafe + (unsafe,))
-            pnames, snames = layout[name]
-            layout[name] = (pnames + (tuple(sp),), snames + (tuple(ss),))
-        index = len(chains[name].steps) - 1
-        for l, t in sp.items():
-            params[step_key(name, index, l)] = t
-            shapes[step_key(name, index, l)] = t.shape
-        for l, t in ss.items():
-            state[step_key(name, index, l)] = t.detach()
-        return self._derive(chains, layout, shapes), params, state
+        return reg.register_step(self, params, state, name, step, unsafe, generator)
 
     def remove(
         self,
@@ -453,56 +372,11 @@ class Parametrized:
         mode) as a plain tensor; ``False`` gives back the original, and is a
         ``ValueError`` when the chain has several originals.
         """
-        self.check_keys(params, state)
-        name = self.canonical_name(name)
-        if name not in self.chains:
-            self._where(name)  # unknown names get the "does not have" error
-            raise ValueError(f"Module {type(self.module).__name__} does not have a parametrization on {name}")
-        plan = next(p for p in self._plans if p.name == name)
-        chain = plan.chain
-        params, state = dict(params), dict(state)
-        source = state if chain.is_buffer else params
-        requires_grad = source[plan.original_keys[0]].requires_grad
-        if leave_parametrized:
-            value = self.materialize(params, state, training=False)[0][name]
-        elif chain.is_tensor:
-            value = source[plan.original_keys[0]]
-        else:
-            raise ValueError(
-                f"Cannot leave unparametrized (`leave_parametrized=False`) '{name}', a tensor that is "
-                "parametrized in terms of a sequence of tensors."
-            )
-        dropped = [*plan.original_keys, *(k for keys in plan.step_param_keys for _, k in keys)]
-        for k in plan.original_keys:
-            del source[k]
-        for keys in plan.step_param_keys:
-            for _, k in keys:
-                del params[k]
-        for keys in plan.step_state_keys:
-            for _, k in keys:
-                del state[k]
-        source[name] = reg.fresh(value, requires_grad)
-        shapes = {k: s for k, s in self._shapes.items() if k not in dropped}
-        if not chain.is_buffer:
-            shapes[name] = value.shape
-        chains = {k: v for k, v in self.chains.items() if k != name}
-        layout = {k: v for k, v in self._layout.items() if k != name}
-        return self._derive(chains, layout, shapes), params, state
+        return reg.remove_chain(self, params, state, name, leave_parametrized)
 
 
 def _rebuild(module: nn.Module, chains: Mapping[str, Chain], layout: Layout, shapes: Mapping[str, torch.Size]) -> Parametrized:
     return Parametrized(module, chains, layout, shapes=shapes)
-
-
-def _pick(tree: Mapping[str, Tensor], keys: Sequence[str]) -> list[Tensor]:
-    """``[tree[k] for k in keys]``, as a function: torch 2.4's dynamo fails on comprehensions
-    that close over a loop variable."""
-    return [tree[k] for k in keys]
-
-
-def _pick_steps(tree: Mapping[str, Tensor], steps: Sequence[Sequence[tuple[str, str]]]) -> list[dict[str, Tensor]]:
-    """Per chain step, ``{local name: tree[global key]}``."""
-    return [{local: tree[key] for local, key in keys} for keys in steps]
 
 
 # ---------------------------------------------------------------------- public constructors

@@ -1,19 +1,22 @@
-"""Registration rules: what ``register_parametrization`` checks, as pure functions over tensors.
+"""Registration: registering, assigning through and removing parametrizations, with torch's checks.
 
 torch checks a parametrization when it is registered (the dtype and shape it gives, what its
-``right_inverse`` returns) and when a value is assigned through it. These are those checks,
-with torch's messages, each naming the tensor; :class:`pfunc.Parametrized` calls them from
-``parametrize``, ``register``, ``assign`` and ``init``.
+``right_inverse`` returns) and when a value is assigned through it. These are those operations
+and checks, with torch's messages, each naming the tensor, as pure functions of a net and its
+``(params, state)``; :class:`pfunc.Parametrized`'s ``register``, ``assign``, ``remove`` and
+``init`` are them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .chain import Step, as_step
+from .chain import Chain, Step, as_step
+from .tree import original_key, pick, pick_steps, step_key
+from .validation import check_mapping
 
 __all__ = [
     "fresh",
@@ -25,6 +28,9 @@ __all__ = [
     "check_output",
     "check_right_inverse_output",
     "check_assigned_originals",
+    "assign_values",
+    "register_step",
+    "remove_chain",
 ]
 
 
@@ -161,3 +167,154 @@ def check_assigned_originals(
                 f"original has shape {tuple(o.shape)} (register with unsafe=True to allow it)"
             )
     return tuple(new)
+
+
+# ---------------------------------------------------------------------- the operations on a net
+def assign_values(
+    net: Any,
+    params: Mapping[str, Tensor],
+    state: Mapping[str, Tensor],
+    updates: Mapping[str, Tensor],
+    generator: Optional[torch.Generator],
+) -> tuple[dict, dict]:
+    """:meth:`pfunc.Parametrized.assign`."""
+    net.check_keys(params, state)
+    check_mapping("updates", updates)
+    params, state = dict(params), dict(state)
+    for raw_name, value in updates.items():
+        name = net.canonical_name(raw_name)
+        where = net._where(name)
+        if not isinstance(value, Tensor):
+            raise TypeError(f"assign: value for '{raw_name}' must be a Tensor, got {describe(value)}")
+        if where in ("params", "state"):
+            tree = params if where == "params" else state
+            check_like(value, tree[name], f"assign: value for '{raw_name}'")
+            tree[name] = fresh(value, tree[name].requires_grad)
+            continue
+        plan = next(p for p in net._plans if p.name == name)
+        chain = plan.chain
+        sp = pick_steps(params, plan.step_param_keys)
+        ss = pick_steps(state, plan.step_state_keys)
+        with torch.no_grad():
+            new, ss_new = chain.right_inverse(value, sp, ss, generator)
+        source = state if chain.is_buffer else params
+        old = pick(source, plan.original_keys)
+        new = check_assigned_originals(name, raw_name, plan.original_keys, old, new, chain.is_tensor, any(chain.unsafe))
+        for key, o, n in zip(plan.original_keys, old, new):
+            source[key] = fresh(n, o.requires_grad)
+        for keys, s in zip(plan.step_state_keys, ss_new):
+            for l, k in keys:
+                state[k] = s[l].detach()
+    return params, state
+
+
+def register_step(
+    net: Any,
+    params: dict,
+    state: dict,
+    name: str,
+    step: Step,
+    unsafe: bool,
+    generator: Optional[torch.Generator],
+) -> tuple[Any, dict, dict]:
+    """:meth:`pfunc.Parametrized.register` of one step on canonical ``name`` (no key checks)."""
+    where = net._where(name)
+    params, state = dict(params), dict(state)
+    chains, layout, shapes = dict(net.chains), dict(net._layout), dict(net._shapes)
+    if where == "chain":
+        current = net.materialize(params, state, training=False)[0][name].detach()
+    else:
+        current = (params if where == "params" else state)[name]
+    step = bind(step, net.module, name, current)
+    sp, ss = step.init(current, generator)
+    if where != "chain":
+        new = current  # no right_inverse, or one that raises NotImplementedError: the identity (as torch)
+        with torch.no_grad():
+            if step.has_right_inverse:
+                try:
+                    new, ss = step.right_inverse(current, sp, ss, generator)
+                except NotImplementedError:
+                    pass
+        originals, n_originals = originals_from(new, current, name)
+        chain = Chain((step,), n_originals, is_buffer=(where == "state"), unsafe=(unsafe,))
+        if not unsafe:
+            with torch.no_grad():
+                Z, _ = chain.forward(originals, [sp], [ss], training=False)
+            check_output(Z, current, name, "Registering a parametrization")
+        tree = state if where == "state" else params
+        del tree[name]
+        shapes.pop(name, None)
+        for o, t in zip(chain.original_names, originals):
+            tree[original_key(name, o)] = fresh(t, current.requires_grad)
+            if where == "params":
+                shapes[original_key(name, o)] = t.shape
+        chains[name] = chain
+        layout[name] = ((tuple(sp),), (tuple(ss),))
+    else:
+        if not unsafe:
+            with torch.no_grad():
+                X, _ = step.forward((current,), sp, ss, False)
+                check_output(X, current, name, "Registering a parametrization on a parametrized tensor")
+                if step.has_right_inverse:
+                    try:
+                        Z, _ = step.right_inverse(X, sp, ss, generator)
+                    except NotImplementedError:
+                        pass
+                    else:
+                        check_right_inverse_output(Z, current, name)
+        old = chains[name]
+        chains[name] = Chain(old.steps + (step,), old.n_originals, old.is_buffer, old.unsafe + (unsafe,))
+        pnames, snames = layout[name]
+        layout[name] = (pnames + (tuple(sp),), snames + (tuple(ss),))
+    index = len(chains[name].steps) - 1
+    for l, t in sp.items():
+        params[step_key(name, index, l)] = t
+        shapes[step_key(name, index, l)] = t.shape
+    for l, t in ss.items():
+        state[step_key(name, index, l)] = t.detach()
+    return net._derive(chains, layout, shapes), params, state
+
+
+def remove_chain(
+    net: Any,
+    params: Mapping[str, Tensor],
+    state: Mapping[str, Tensor],
+    name: str,
+    leave_parametrized: bool,
+) -> tuple[Any, dict, dict]:
+    """:meth:`pfunc.Parametrized.remove`."""
+    net.check_keys(params, state)
+    name = net.canonical_name(name)
+    if name not in net.chains:
+        net._where(name)  # unknown names get the "does not have" error
+        raise ValueError(f"Module {type(net.module).__name__} does not have a parametrization on {name}")
+    plan = next(p for p in net._plans if p.name == name)
+    chain = plan.chain
+    params, state = dict(params), dict(state)
+    source = state if chain.is_buffer else params
+    requires_grad = source[plan.original_keys[0]].requires_grad
+    if leave_parametrized:
+        value = net.materialize(params, state, training=False)[0][name]
+    elif chain.is_tensor:
+        value = source[plan.original_keys[0]]
+    else:
+        raise ValueError(
+            f"Cannot leave unparametrized (`leave_parametrized=False`) '{name}', a tensor that is "
+            "parametrized in terms of a sequence of tensors."
+        )
+    dropped = [*plan.original_keys, *(k for keys in plan.step_param_keys for _, k in keys)]
+    for k in plan.original_keys:
+        del source[k]
+    for keys in plan.step_param_keys:
+        for _, k in keys:
+            del params[k]
+    for keys in plan.step_state_keys:
+        for _, k in keys:
+            del state[k]
+    source[name] = fresh(value, requires_grad)
+    shapes = {k: s for k, s in net._shapes.items() if k not in dropped}
+    if not chain.is_buffer:
+        shapes[name] = value.shape
+    chains = {k: v for k, v in net.chains.items() if k != name}
+    layout = {k: v for k, v in net._layout.items() if k != name}
+    return net._derive(chains, layout, shapes), params, state

@@ -24,6 +24,8 @@ __all__ = [
     "tree_map",
     "to",
     "merge",
+    "pick",
+    "pick_steps",
 ]
 
 Tree = Any
@@ -84,3 +86,14 @@ def merge(params: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> dict[str
     if overlap:
         raise ValueError(f"merge: keys in both params and state: {sorted(overlap)}")
     return {k: v.detach() for k, v in {**params, **state}.items()}
+
+
+def pick(tree: Mapping[str, Tensor], keys: Sequence[str]) -> list[Tensor]:
+    """``[tree[k] for k in keys]``, as a function: torch 2.4's dynamo fails on comprehensions
+    that close over a loop variable."""
+    return [tree[k] for k in keys]
+
+
+def pick_steps(tree: Mapping[str, Tensor], steps: Sequence[Sequence[tuple[str, str]]]) -> list[dict[str, Tensor]]:
+    """Per chain step, ``{local name: tree[global key]}`` (``steps`` as ``(local, global)`` pairs)."""
+    return [{local: tree[key] for local, key in keys} for keys in steps]
