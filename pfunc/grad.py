@@ -1,13 +1,14 @@
 """``grad`` and ``grad_and_value``: ``torch.func``'s gradients at autograd's cost.
 
-Same signatures, return order, pytree handling and errors as :func:`torch.func.grad` and
-:func:`torch.func.grad_and_value`, and the same results (to rounding; bitwise where the same
-kernels run). What differs is how the gradient is computed at the top level:
+Same signatures, return order and pytree handling as :func:`torch.func.grad` and
+:func:`torch.func.grad_and_value`, the same results (to rounding; bitwise where the same
+kernels run), and the same errors (types and conditions; the messages also name the argument
+and key at fault). What differs is how the gradient is computed at the top level:
 
 * **top level, eager** (no ``torch.func`` transform running): the differentiated inputs are
   replaced by fresh leaves (``t.detach().requires_grad_()``, sharing the caller's storage),
-  ``f`` runs under ``torch.enable_grad()`` and ``torch.autograd.grad`` differentiates it without
-  ``create_graph``. ``torch.func.grad`` differentiates with ``create_graph=True``, which keeps
+  ``f`` runs under ``torch.enable_grad()`` and one backward of autograd's engine (what
+  ``torch.autograd.grad`` calls) differentiates it without ``create_graph``. ``torch.func.grad`` differentiates with ``create_graph=True``, which keeps
   every saved tensor of the forward alive through the whole backward (2.35x the peak memory
   of ``loss.backward()`` on the diffusion Unet, 1.2-1.65x its time in ``BENCHMARKS.md``).
 * **inside** ``vmap``/``grad``/``jvp``/``jacrev``/``functionalize``, or inside the ``f`` of a
@@ -16,7 +17,9 @@ kernels run). What differs is how the gradient is computed at the top level:
   ``torch.func`` gradient with the outer autograd one).
 * **under** ``torch.compile``: ``torch.func.grad_and_value`` (dynamo captures it whole: no
   graph break), called under ``torch.no_grad()`` at the top level so the compiled graph
-  computes the gradient and records nothing for an outer backward.
+  computes the gradient and records nothing for an outer backward. This compiled graph runs
+  faster than a compiled forward plus AOTAutograd's compiled backward (``BENCHMARKS.md``
+  item 5); dynamo cannot capture ``torch.autograd.grad`` itself without a graph break.
 * under ``torch.inference_mode()``, where autograd records nothing: ``torch.func`` too.
 
 Nothing of the caller's is touched: its tensors keep their values, ``requires_grad`` and
