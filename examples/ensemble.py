@@ -149,17 +149,23 @@ def train_ensemble(
     params, state = init_members(net, init_seed, members)
     orders = [batch_order(len(x), batch, g) for g in pf.ensemble.generators(data_seed, members)]
     opt = torch.optim.Adam(params.values(), lr=lr)
-    step_losses = torch.func.vmap(lambda p, s, xb, yb: _loss(net, p, s, xb, yb))
+    # one vmapped forward, one backward of the summed member losses: member k's gradient is its own
+    step = pf.ensemble.grad_and_value(lambda p, s, xb, yb: _loss(net, p, s, xb, yb), has_aux=True)
     history = []
     for _ in range(steps):
         idx = torch.stack([next(o) for o in orders])  # (members, batch)
-        losses, state = step_losses(params, state, x[idx], y[idx])
-        opt.zero_grad(set_to_none=True)
-        losses.sum().backward()  # member k's slice of the grad is d loss_k / d params_k
+        grads, (losses, state) = step(params, state, x[idx], y[idx])
+        _set_grads(params, grads)
         opt.step()
-        history.append(losses.detach())
+        history.append(losses)
         on_step(history[-1])
     return params, state, torch.stack(history)
+
+
+def _set_grads(params: Tree, grads: Tree) -> None:
+    """Hand functional gradients to a torch optimizer over ``params.values()``."""
+    for k, p in params.items():
+        p.grad = grads[k]
 
 
 def train_solo(
@@ -178,14 +184,14 @@ def train_solo(
     params = {k: v.detach().requires_grad_(v.requires_grad) for k, v in params.items()}
     order = batch_order(len(x), batch, pf.ensemble.generators(data_seed + member, 1)[0])
     opt = torch.optim.Adam(params.values(), lr=lr)
+    step = pf.grad_and_value(lambda p, s, xb, yb: _loss(net, p, s, xb, yb), has_aux=True)
     history = []
     for _ in range(steps):
         idx = next(order)
-        loss, state = _loss(net, params, state, x[idx], y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        grads, (loss, state) = step(params, state, x[idx], y[idx])
+        _set_grads(params, grads)
         opt.step()
-        history.append(loss.detach())
+        history.append(loss)
     return params, state, torch.stack(history)
 
 
@@ -216,13 +222,12 @@ def compare_speed(
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, len(x), (members, batch), generator=g)
     xb, yb = x[idx], y[idx]
-    step_losses = torch.func.vmap(lambda p, s, a, b: _loss(net, p, s, a, b))
+    step = pf.ensemble.grad_and_value(lambda p, s, a, b: _loss(net, p, s, a, b), has_aux=True)
     box = {"state": state}
 
     def vmapped_step():
-        losses, box["state"] = step_losses(params, box["state"], xb, yb)
-        opt.zero_grad(set_to_none=True)
-        losses.sum().backward()
+        grads, (_, box["state"]) = step(params, box["state"], xb, yb)
+        _set_grads(params, grads)
         opt.step()
 
     def torch_loop_step():

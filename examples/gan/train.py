@@ -124,32 +124,42 @@ def discriminator_step(gan: GAN, real: Tensor, y_real: Optional[Tensor], z: Tens
         fake, gan.g_state = gan.G(gan.g_params, gan.g_state, *_labelled(z, y_fake), training=True)
     x = torch.cat([real, fake])
     y = torch.cat([y_real, y_fake]) if y_real is not None else None
-    scores, gan.d_state = gan.D(gan.d_params, gan.d_state, *_labelled(x, y), training=True)
     n = real.shape[0]
-    loss = F.relu(1.0 - scores[:n]).mean() + F.relu(1.0 + scores[n:]).mean()
-    gan.d_opt.zero_grad(set_to_none=True)
-    loss.backward()
-    gan.d_opt.step()
-    return float(loss.detach())
+
+    def d_loss(params, state):
+        scores, state = gan.D(params, state, *_labelled(x, y), training=True)
+        return F.relu(1.0 - scores[:n]).mean() + F.relu(1.0 + scores[n:]).mean(), state
+
+    grads, (loss, gan.d_state) = pf.grad_and_value(d_loss, has_aux=True)(gan.d_params, gan.d_state)
+    _step(gan.d_opt, gan.d_params, grads)
+    return float(loss)
 
 
 def generator_step(gan: GAN, z: Tensor, y: Optional[Tensor]) -> float:
     """One G update: ``-mean D(G(z, y), y)``; gradients go to G's params only."""
-    fake, gan.g_state = gan.G(gan.g_params, gan.g_state, *_labelled(z, y), training=True)
-    scores, gan.d_state = gan.D(gan.d_params, gan.d_state, *_labelled(fake, y), training=True)
-    loss = -scores.mean()
-    gan.g_opt.zero_grad(set_to_none=True)
-    loss.backward(inputs=list(gan.g_params.values()))
-    gan.g_opt.step()
-    return float(loss.detach())
+
+    def g_loss(g_params, g_state, d_state):
+        fake, g_state = gan.G(g_params, g_state, *_labelled(z, y), training=True)
+        scores, d_state = gan.D(gan.d_params, d_state, *_labelled(fake, y), training=True)
+        return -scores.mean(), (g_state, d_state)
+
+    grads, (loss, (gan.g_state, gan.d_state)) = pf.grad_and_value(g_loss, has_aux=True)(gan.g_params, gan.g_state, gan.d_state)
+    _step(gan.g_opt, gan.g_params, grads)
+    return float(loss)
+
+
+def _step(opt: torch.optim.Optimizer, params: dict, grads: dict) -> None:
+    """One optimizer step with functional gradients (``pf.grad_and_value``'s) in place of ``.grad``."""
+    for k, p in params.items():
+        p.grad = grads[k]
+    opt.step()
 
 
 def sample(
     gan: GAN, n: int, generator: torch.Generator, device: torch.device, labels: Optional[Tensor] = None
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """``(samples, labels asked for)`` from G with ``training=False`` (spectral norm state untouched;
-    batch norm layers, if any, keep the module's mode: batch statistics while it is training).
-    Labels are drawn uniformly unless given."""
+    """``(samples, labels asked for)`` from G with ``training=False`` (spectral norm state untouched,
+    every layer in eval mode). Labels are drawn uniformly unless given."""
     z, y = _latents(gan, n, generator, device)
     if labels is not None and gan.num_classes:
         y = labels.to(device)
