@@ -26,6 +26,7 @@ SECTION_TITLES = {
     "power_iteration": "4. Power iteration: spectral norms of K matrices",
     "compiled": "5. torch.compile",
     "unet": "6. Diffusion Unet training step",
+    "call_overhead": "7. The cost of a call: a deep model of tiny layers",
 }
 
 

@@ -21,7 +21,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from . import caching, compiled, ensembles, layers, power_iteration, unet
+from . import caching, call_overhead, compiled, ensembles, layers, power_iteration, unet
 from .comparison import Comparison, Row
 from .machine import describe
 from .report import assemble, device_section, fmt_seconds
@@ -37,6 +37,7 @@ FAMILY_MODULES = {
     "power_iteration": power_iteration,
     "compiled": compiled,
     "unet": unet,
+    "call_overhead": call_overhead,
 }
 
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device-name fragment, most specific first

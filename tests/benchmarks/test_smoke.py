@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from benchmarks import caching, compiled, ensembles, layers, power_iteration, report, run, unet
+from benchmarks import call_overhead, caching, compiled, ensembles, layers, power_iteration, report, run, unet
 from benchmarks.comparison import Comparison, MismatchError, Row, Variant
 from benchmarks.timing import Timing
 from benchmarks.sizes import SMOKE
@@ -20,6 +20,7 @@ EAGER_FAMILIES = {
     "caching": caching,
     "ensembles": ensembles,
     "power_iteration": power_iteration,
+    "call_overhead": call_overhead,
 }
 
 
@@ -29,7 +30,7 @@ def test_every_variant_of_every_row_equals_the_reference(family):
     for comparison in EAGER_FAMILIES[family].comparisons(SMOKE):
         comparison.check()
         labels.add(tuple(comparison.labels.values()))
-    expected = {"layers": 2 * 5 * 2 * 2, "caching": 2, "ensembles": len(SMOKE.ensemble_sizes), "power_iteration": len(SMOKE.power_iterations)}
+    expected = {"layers": 2 * 5 * 2 * 2, "caching": 2, "ensembles": len(SMOKE.ensemble_sizes), "power_iteration": len(SMOKE.power_iterations), "call_overhead": 4}
     assert len(labels) == expected[family]  # model x parametrization x mode x pass for layers
 
 
