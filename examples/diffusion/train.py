@@ -401,7 +401,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _train(args, parser, plan, t_start)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the guarded loops
-        print("\nstopped at once by a second Ctrl-C; every checkpoint is written atomically, so the last one is intact",
+        print("\ninterrupted: stopped at once; every checkpoint is written atomically, so the last one written is intact",
               file=sys.stderr)
         return 130
 
@@ -440,18 +440,21 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: _Pla
             print(f"error: cannot create the run folder under --results-dir {args.results_dir!r}: {e.strerror or e}", file=sys.stderr)
             return 1
         created = True
-        p0, s0 = net.init(generator=torch.Generator().manual_seed(cfg.seed))
-        params = {k: v.to(device).detach().requires_grad_(True) for k, v in p0.items()}
-        state = {k: v.to(device) for k, v in s0.items()}
-        ema = {k: v.detach().clone() for k, v in params.items()}
-        ts = TrainState(params, state, ema, make_optimizer(params, cfg.lr, cfg.weight_decay), 0)
         saved_step = None
         try:
+            p0, s0 = net.init(generator=torch.Generator().manual_seed(cfg.seed))
+            params = {k: v.to(device).detach().requires_grad_(True) for k, v in p0.items()}
+            state = {k: v.to(device) for k, v in s0.items()}
+            ema = {k: v.detach().clone() for k, v in params.items()}
+            ts = TrainState(params, state, ema, make_optimizer(params, cfg.lr, cfg.weight_decay), 0)
             save_image_grid(run_dir / "data.png", data[: cfg.num_samples].cpu(), nrow=int(math.sqrt(cfg.num_samples)) or 1, scale=4)
         except (OSError, ValueError) as e:
             shutil.rmtree(run_dir, ignore_errors=True)
             print(f"error: cannot write in the new run folder {run_dir}: {e}; removed it", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:  # before the loop that turns Ctrl-C into a clean stop: leave no half-made folder
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
     num_params = sum(p.numel() for p in ts.params.values())
     print(f"run folder: {run_dir}")
     print(f"device: {device}; threads: {torch.get_num_threads()}; Unet: {num_params / 1e6:.2f}M params, "
