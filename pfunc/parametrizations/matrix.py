@@ -113,8 +113,10 @@ class SPD:
 
     ``right_inverse(A) = triu(log(A))``, the logarithm taken through the
     eigendecomposition, so SPD values are assigned exactly. Other values are first
-    projected to the nearest SPD matrix (symmetric part, eigenvalues clamped to
-    ``eps * max|eigenvalue|``), so registering on any weight works.
+    projected onto the SPD matrices (symmetric part; an eigenvalue that is not positive at
+    working precision, below ``eps * max|eigenvalue|``, is raised to ``sqrt(eps) * max|eigenvalue|``,
+    so the result is positive definite to working precision, not just in exact arithmetic),
+    so registering on any weight works.
     """
 
     def forward(self, X: Tensor) -> Tensor:
@@ -126,8 +128,9 @@ class SPD:
     def right_inverse(self, A: Tensor) -> Tensor:
         _require_square(A, "SPD.right_inverse")
         L, V = torch.linalg.eigh(0.5 * (A + A.mT))
-        floor = torch.finfo(A.dtype).eps * L.abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
-        L = torch.maximum(L, floor)
+        eps = torch.finfo(A.dtype).eps
+        scale = L.abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
+        L = torch.where(L < eps * scale, eps**0.5 * scale, L)
         return ((V * L.log().unsqueeze(-2)) @ V.mT).triu()
 
     def __repr__(self) -> str:
