@@ -3,7 +3,7 @@
 Modules: :mod:`.unet` (the Unet; weight standardization is a pfunc parametrization on
 plain ``nn.Conv2d``), :mod:`.gaussian_diffusion` (schedules, losses, DDPM/DDIM sampling as
 functions of a denoiser), :mod:`.data` (embedded procedurally drawn shapes, or a folder of
-images read with Pillow), :mod:`.training` (the ``torch.func.grad_and_value`` step, AdamW on
+images read with Pillow), :mod:`.training` (the ``pf.grad_and_value`` step, AdamW on
 the originals, EMA), :mod:`.model` (the model a config describes, sampling from its weights),
 :mod:`.checkpoint` (atomic, verified, code-free checkpoint files), :mod:`.training_checkpoint`
 (what a run's checkpoint holds and its checks), :mod:`.config` (presets and checks),

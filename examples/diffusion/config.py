@@ -291,7 +291,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.compile and TorchVersion(torch.__version__) < pfunc.COMPILE_MIN_TORCH:
         raise ConfigError(
             f"--compile needs torch >= {pfunc.COMPILE_MIN_TORCH} (this is torch {torch.__version__}: its compiler "
-            "cannot compile torch.func.grad_and_value over functional_call); use --no-compile"
+            "cannot compile the functional gradient of a pfunc call); use --no-compile"
         )
     if cfg.dataset == "folder" and not os.path.isdir(cfg.data_dir):
         raise ConfigError(f"--data-dir {cfg.data_dir!r} does not exist or is not a folder")

@@ -1,8 +1,9 @@
-"""The functional training step: ``torch.func.grad_and_value`` over ``(params, state)``.
+"""The functional training step: ``pf.grad_and_value`` over ``(params, state)``.
 
 The loss is a pure function ``loss_fn(params, state, x0, t, noise, use_self_condition)
 -> (loss, new_state)`` of pfunc's plain dicts; its gradient comes from
-``torch.func.grad_and_value(loss_fn, has_aux=True)`` (optionally ``torch.compile``d).
+``pf.grad_and_value(loss_fn, has_aux=True)`` (optionally ``torch.compile``d): ``torch.func``'s
+signature and results at the time and memory of ``loss.backward()``.
 The optimizer is ``torch.optim.AdamW`` over ``params.values()``: the functional
 gradients are assigned to ``.grad``, clipped with ``clip_grad_norm_`` and applied by
 ``opt.step()``, which updates pfunc's *originals* (here the raw conv weights under
@@ -118,17 +119,14 @@ def make_loss_fn(net: pf.Parametrized, diffusion: GaussianDiffusion, *, bf16: bo
 def make_grad_fn(loss_fn, *, compile: bool = False, backend: str = "inductor") -> GradFn:
     """``grad_fn(params, state, x0, t, noise, use_sc) -> (grads, (loss, new_state))``, compiled when asked.
 
-    The params are detached on the way in: they are the optimizer's leaves (``requires_grad``),
-    and ``torch.func`` would otherwise also record the whole step in the outer autograd
-    graph, kept alive by the gradients (about 10% slower on CPU, and the memory of a graph).
+    ``pf.grad_and_value``: one autograd backward on fresh leaves, without ``torch.func``'s
+    ``create_graph=True`` (on this Unet ``torch.func.grad_and_value`` takes 1.25x the time and
+    2.35x the peak memory); the optimizer's leaves are read, never touched, and nothing lands
+    in their ``.grad``. Under ``torch.compile`` it is the route that compiles fastest.
     """
-    inner = torch.func.grad_and_value(loss_fn, has_aux=True)
+    grad_fn = pf.grad_and_value(loss_fn, has_aux=True)
     if compile:
-        inner = torch.compile(inner, backend=backend, dynamic=False)
-
-    def grad_fn(params: Params, state: State, *batch):
-        return inner({k: v.detach() for k, v in params.items()}, state, *batch)
-
+        grad_fn = torch.compile(grad_fn, backend=backend, dynamic=False)
     return grad_fn
 
 
