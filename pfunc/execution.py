@@ -165,7 +165,7 @@ class ShadowPool:
     def __init__(self, module: nn.Module):
         if not isinstance(module, nn.Module):
             raise TypeError(f"ShadowPool: module must be an nn.Module, got {type(module).__name__}")
-        _refuse_distributed_wrappers(module)
+        _refuse_wrappers(module)
         self.module = module
         aliases = _alias_map(module)
         self.aliases: Mapping[str, str] = MappingProxyType(aliases)
@@ -260,11 +260,18 @@ def _distributed_wrappers() -> tuple[type, ...]:
     return tuple(kinds)
 
 
-def _refuse_distributed_wrappers(module: nn.Module) -> None:
-    """DDP and FSDP act on their module's own parameters from hooks (gradient reduction, all-gathers
-    written into the module): a private call would bypass them, or they would write the module."""
+def _refuse_wrappers(module: nn.Module) -> None:
+    """Modules a shadow cannot stand in for: DDP and FSDP act on their module's own parameters from
+    hooks (gradient reduction, all-gathers written into the module), so a private call would bypass
+    them or they would write the module; a TorchScript module runs compiled code on its own tensors."""
     kinds = _distributed_wrappers()
     for name, m in module.named_modules():
+        if isinstance(m, torch.jit.ScriptModule):
+            where = f"'{name}'" if name else "the module"
+            raise TypeError(
+                f"{where} is a TorchScript module ({type(m).__name__}), whose compiled code reads its own tensors; "
+                "give pfunc the Python module it was scripted from"
+            )
         if isinstance(m, kinds):
             where = f"'{name}'" if name else "the module"
             raise TypeError(

@@ -231,3 +231,10 @@ def test_a_module_wrapped_by_ddp_or_fully_shard_is_refused_with_the_way_out(tmp_
             ShadowPool(model)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_a_torchscript_module_is_refused_naming_it():
+    model = nn.Sequential(nn.Linear(2, 2), torch.jit.script(nn.Linear(2, 2)))
+    with pytest.raises(TypeError, match="'1' is a TorchScript module"):
+        ShadowPool(model)
