@@ -1,4 +1,4 @@
-"""Item 6: one diffusion training step of the seed-002 Unet (``examples/diffusion/``),
+"""Item 6: one diffusion training step of the classic DDPM Unet (``examples/diffusion/``),
 weight standardisation on every ``Block`` conv, pfunc vs ``torch.nn.utils.parametrize``.
 
 The loss is the example's ``GaussianDiffusion.training_loss`` (noise prediction, L2,
@@ -69,7 +69,7 @@ def available() -> bool:
 
 class TorchWeightStandardization(nn.Module):
     """The torch user's weight standardisation: ``(W - mean) / sqrt(var + eps)`` per output channel,
-    ``eps`` 1e-5 in float32 and 1e-3 otherwise (the autocast dtype when autocast is on), as seed 002."""
+    ``eps`` 1e-5 in float32 and 1e-3 otherwise (the autocast dtype when autocast is on), as denoising-diffusion-pytorch."""
 
     def forward(self, W: Tensor) -> Tensor:
         dtype = torch.get_autocast_dtype(W.device.type) if torch.is_autocast_enabled(W.device.type) else W.dtype

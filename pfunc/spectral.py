@@ -3,7 +3,7 @@
 The whole-model counterpart of Haiku's ``SNParamsTree``: :func:`spectral_norm_spec`
 walks a module and returns the ``{tensor name: SpectralNorm}`` spec to give to
 :func:`pfunc.parametrize`; :func:`singular_values` reads back what BigGAN-mode
-spectral norm logged in ``state`` (the seed's ``sv`` buffers, "for logging").
+spectral norm logged in ``state`` (BigGAN's ``sv`` buffers, "for logging").
 
 >>> import torch, pfunc as pf
 >>> from torch import nn

@@ -1,7 +1,7 @@
 """Parametrized: registration, chaining, right_inverse, removal, errors, caching, buffers.
 
 Ports the behaviours of PyTorch's test/nn/test_parametrization.py that apply
-functionally, and the tutorial's (seed 001) parametrizations exactly as written.
+functionally, and the parametrize tutorial's parametrizations exactly as written.
 """
 
 import copy
@@ -43,7 +43,7 @@ class SeedCayleyMap(nn.Module):
     def forward(self, X):
         return torch.linalg.solve(self.Id + X, self.Id - X)
 
-    def right_inverse(self, A):  # the seed's version uses an undefined X; this is the intended inverse
+    def right_inverse(self, A):  # the tutorial's version uses an undefined X; this is the intended inverse
         return torch.linalg.solve(self.Id + A, self.Id - A)
 
 

@@ -1,6 +1,6 @@
 """pfunc's BigGAN-mode spectral norm against an independent transcription of the seed's algorithm.
 
-The reference below is written from seed 003 (BigGAN-PyTorch's ``SN`` mix-in with
+The reference below is written from BigGAN-PyTorch's layers (its ``SN`` mix-in with
 ``SNLinear``/``SNConv2d``/``SNEmbedding``) and the ``power_iteration`` /
 ``gram_schmidt`` / ``proj`` helpers of BigGAN-PyTorch's ``layers.py`` that the seed
 calls: row vectors of shape ``(1, n)``, ``torch.mm`` projections, ``F.normalize``,

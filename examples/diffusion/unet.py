@@ -246,7 +246,7 @@ def Upsample(dim: int, dim_out: Optional[int] = None) -> nn.Sequential:
 
 # ------------------------------------------------------------------------------ the Unet
 class Unet(nn.Module):
-    """Seed 002's Unet: ``forward(x [B, C, H, W], time [B], x_self_cond=None) -> [B, out_dim, H, W]``.
+    """The DDPM Unet of Ho et al. (as in denoising-diffusion-pytorch): ``forward(x [B, C, H, W], time [B], x_self_cond=None) -> [B, out_dim, H, W]``.
 
     ``dim_mults`` gives one resolution level each; all but the last halve the
     resolution, so ``H`` and ``W`` must be divisible by ``2 ** (len(dim_mults) - 1)``

@@ -76,7 +76,7 @@ class SpectralNorm:
 
     @classmethod
     def biggan(cls, num_svs: int = 1, num_itrs: int = 1, transpose: bool = False, eps: float = 1e-12) -> "SpectralNorm":
-        """BigGAN's spectral norm (seed 003): ``num_svs`` singular values, ``num_itrs`` iterations per call."""
+        """BigGAN's spectral norm (Brock et al.'s ``SN``): ``num_svs`` singular values, ``num_itrs`` iterations per call."""
         return cls(num_itrs, eps, 0, mode="biggan", num_svs=num_svs, transpose=transpose)
 
     def __repr__(self) -> str:
@@ -199,8 +199,8 @@ class WeightNorm:
 
 
 class WeightStandardization:
-    """``W -> (W - mean) / sqrt(var + eps)`` per output channel (dim 0), as seed 002's
-    ``WeightStandardizedConv2d`` (biased variance).
+    """``W -> (W - mean) / sqrt(var + eps)`` per output channel (dim 0), as the
+    ``WeightStandardizedConv2d`` of denoising-diffusion-pytorch's Unet (biased variance).
 
     ``eps=None`` picks 1e-5 for float32 and 1e-3 otherwise, looking at the autocast
     dtype when autocast is on (the dtype the convolution will run in). No

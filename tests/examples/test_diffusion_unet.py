@@ -1,5 +1,5 @@
-"""The Unet of seed 002 through pfunc: shapes, options, self-conditioning, and weight standardization
-as a parametrization (same outputs and gradients as the seed's WeightStandardizedConv2d)."""
+"""The DDPM Unet through pfunc: shapes, options, self-conditioning, and weight standardization
+as a parametrization (same outputs and gradients as denoising-diffusion-pytorch's WeightStandardizedConv2d)."""
 
 import copy
 
@@ -34,7 +34,7 @@ def tiny_unet(**kw):
 
 
 class SeedWeightStandardizedConv2d(nn.Conv2d):
-    """Seed 002's layer, transcribed (einops reduce -> torch): the reference pfunc must match."""
+    """denoising-diffusion-pytorch's layer, transcribed (einops reduce -> torch): the reference pfunc must match."""
 
     def forward(self, x):
         eps = 1e-5 if x.dtype == torch.float32 else 1e-3
@@ -46,7 +46,7 @@ class SeedWeightStandardizedConv2d(nn.Conv2d):
 
 
 def seed_style_twin(unet: Unet) -> Unet:
-    """A deep copy whose Block convs are the seed's WeightStandardizedConv2d (same weights)."""
+    """A deep copy whose Block convs are denoising-diffusion-pytorch's WeightStandardizedConv2d (same weights)."""
     twin = copy.deepcopy(unet)
     for m in twin.modules():
         if isinstance(m, Block):

@@ -59,7 +59,7 @@ NO_CONSTRAINT = frozenset({"constraint_holds"})
 
 # ---------------------------------------------------------------------- the seeds' torch-style parametrizations
 class TutorialSymmetric(nn.Module):
-    """Seed 001's Symmetric with seed 000's right_inverse."""
+    """The parametrize tutorial's Symmetric, with the API page's right_inverse."""
 
     def forward(self, X):
         return X.triu() + X.triu(1).transpose(-1, -2)
@@ -69,7 +69,7 @@ class TutorialSymmetric(nn.Module):
 
 
 class TutorialSkew(nn.Module):
-    """Seed 001's Skew, with right_inverse."""
+    """The tutorial's Skew, with right_inverse."""
 
     def forward(self, X):
         A = X.triu(1)
@@ -80,7 +80,7 @@ class TutorialSkew(nn.Module):
 
 
 class CayleyMap(nn.Module):
-    """Seed 001's CayleyMap (an ``Id`` buffer), with the right_inverse the seed meant: the map is an involution."""
+    """The parametrize tutorial's CayleyMap (an ``Id`` buffer), with the right_inverse it meant: the map is an involution."""
 
     def __init__(self, n):
         super().__init__()
@@ -94,14 +94,14 @@ class CayleyMap(nn.Module):
 
 
 class MatrixExponential(nn.Module):
-    """Seed 001's MatrixExponential."""
+    """The tutorial's MatrixExponential."""
 
     def forward(self, X):
         return torch.matrix_exp(X)
 
 
 class PruningParametrization(nn.Module):
-    """Seed 001's PruningParametrization (its mask is a plain attribute, drawn once)."""
+    """The tutorial's PruningParametrization (its mask is a plain attribute, drawn once)."""
 
     def __init__(self, X, p_drop=0.2):
         super().__init__()
@@ -208,7 +208,7 @@ def _spd_by_eigh(X: torch.Tensor) -> torch.Tensor:
 
 
 def _ws_formula(W: torch.Tensor) -> torch.Tensor:
-    """Seed 002's WeightStandardizedConv2d, for any number of dims."""
+    """denoising-diffusion-pytorch's WeightStandardizedConv2d, for any number of dims."""
     eps = 1e-5 if W.dtype == torch.float32 else 1e-3
     dims = tuple(range(1, W.ndim))
     mean = W.mean(dim=dims, keepdim=True)
@@ -217,7 +217,7 @@ def _ws_formula(W: torch.Tensor) -> torch.Tensor:
 
 
 def _biggan_reference(sn: SpectralNorm) -> Callable[..., Any]:
-    """Seed 003's SN.W_ with BigGAN's power_iteration (in place on copies of the buffers)."""
+    """BigGAN's SN.W_ with its power_iteration (in place on copies of the buffers)."""
 
     def proj(x, y):
         return torch.mm(y, x.t()) * y / torch.mm(y, y.t())

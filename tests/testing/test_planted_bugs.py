@@ -18,7 +18,7 @@ from pfunc.testing import strategies as S
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:There is a performance drop:UserWarning",  # vmap's fallback for the in-place planted bug
-    "ignore:The use of `x.T`:UserWarning",  # seed 000's Symmetric on batches
+    "ignore:The use of `x.T`:UserWarning",  # the API page's Symmetric on batches
 )
 
 MATRICES = S.square_matrices(batch_shape=S.batch_shapes(1, 2))
@@ -239,7 +239,7 @@ def test_nondeterministic_forward_is_caught():
 
 # ---------------------------------------------------------------------- the seeds' CayleyMap, verbatim and "fixed"
 class SeedCayleyMap(nn.Module):
-    """Seed 001, verbatim: right_inverse refers to an undefined X."""
+    """The parametrize tutorial, verbatim: right_inverse refers to an undefined X."""
 
     def __init__(self, n):
         super().__init__()
@@ -254,7 +254,7 @@ class SeedCayleyMap(nn.Module):
         # Assume A orthogonal
         # See https://en.wikipedia.org/wiki/Cayley_transform#Matrix_map
         # (X - I)(X + I)^{-1}
-        return torch.linalg.solve(X - self.Id, self.Id + X)  # noqa: F821  (the seed's bug)
+        return torch.linalg.solve(X - self.Id, self.Id + X)  # noqa: F821  (the tutorial's bug)
 
 
 class SeedCayleyMapTypoFixed(SeedCayleyMap):
@@ -291,7 +291,7 @@ def test_seed_cayley_map_right_inverse_with_the_typo_fixed_is_still_wrong():
 
 
 class SeedSymmetric(nn.Module):
-    """Seed 000's Symmetric: .T, which is only a matrix transpose for 2-D tensors."""
+    """The API page's Symmetric: .T, which is only a matrix transpose for 2-D tensors."""
 
     def forward(self, X):
         return X.triu() + X.triu(1).T
