@@ -1,8 +1,8 @@
-"""pfunc's BigGAN-mode spectral norm against an independent transcription of the seed's algorithm.
+"""pfunc's BigGAN-mode spectral norm against an independent transcription of BigGAN-PyTorch's algorithm.
 
 The reference below is written from BigGAN-PyTorch's layers (its ``SN`` mix-in with
 ``SNLinear``/``SNConv2d``/``SNEmbedding``) and the ``power_iteration`` /
-``gram_schmidt`` / ``proj`` helpers of BigGAN-PyTorch's ``layers.py`` that the seed
+``gram_schmidt`` / ``proj`` helpers of BigGAN-PyTorch's ``layers.py`` that it
 calls: row vectors of shape ``(1, n)``, ``torch.mm`` projections, ``F.normalize``,
 singular vectors written into buffers in place (``u_[i][:] = u``) only in training,
 ``sv`` buffers written in training "for logging", and ``weight / svs[0]``. It shares
