@@ -22,7 +22,7 @@ from pfunc.parametrizations import SpectralNorm
 from pfunc.tree import step_key
 
 
-# ---------------------------------------------------------------------------------- the seed, transcribed
+# ---------------------------------------------------------------------------------- BigGAN-PyTorch, transcribed
 def ref_proj(x, y):
     """Projection of row vector x on row vector y."""
     return torch.mm(y, x.t()) * y / torch.mm(y, y.t())
@@ -51,7 +51,7 @@ def ref_power_iteration(W, u_list, update=True, eps=1e-12):
 
 
 class RefSN:
-    """The seed's ``SN`` mix-in: buffers ``u0..u{k-1}`` of shape (1, num_outputs) and ``sv0..``."""
+    """BigGAN-PyTorch's ``SN`` mix-in: buffers ``u0..u{k-1}`` of shape (1, num_outputs) and ``sv0..``."""
 
     def sn_init(self, num_svs, num_itrs, num_outputs, transpose=False, eps=1e-12):
         self.num_itrs = num_itrs
@@ -113,7 +113,7 @@ class RefSNEmbedding(nn.Embedding, RefSN):
 
 # ---------------------------------------------------------------------------------- twins
 def _twins(kind, num_svs, num_itrs, eps=1e-12, transpose=False, dtype=torch.float64, seed=0):
-    """A pfunc net and the seed's layer with the same weight and the same initial ``u`` rows."""
+    """A pfunc net and BigGAN-PyTorch's layer with the same weight and the same initial ``u`` rows."""
     torch.manual_seed(seed)
     if kind == "linear":
         ref = RefSNLinear(7, 5, num_svs, num_itrs, transpose=transpose, eps=eps, dtype=dtype)
@@ -157,7 +157,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("kind,num_svs,num_itrs,transpose", CASES)
-def test_training_steps_match_the_seed_outputs_grads_u_and_logged_sv(kind, num_svs, num_itrs, transpose):
+def test_training_steps_match_biggan_pytorch_outputs_grads_u_and_logged_sv(kind, num_svs, num_itrs, transpose):
     """Five training steps (forward, backward, an SGD update of the weight on both sides):
     same outputs, same weight gradients, same ``u`` and ``sv`` after each step."""
     ref, net, params, state, inputs, u_key, sv_key = _twins(kind, num_svs, num_itrs, transpose=transpose)
@@ -181,7 +181,7 @@ def test_training_steps_match_the_seed_outputs_grads_u_and_logged_sv(kind, num_s
 
 
 @pytest.mark.parametrize("kind,num_svs,num_itrs,transpose", CASES)
-def test_eval_matches_the_seed_and_updates_neither_u_nor_sv(kind, num_svs, num_itrs, transpose):
+def test_eval_matches_biggan_pytorch_and_updates_neither_u_nor_sv(kind, num_svs, num_itrs, transpose):
     ref, net, params, state, inputs, u_key, sv_key = _twins(kind, num_svs, num_itrs, transpose=transpose)
     g = torch.Generator().manual_seed(3)
     ref.train()
@@ -198,7 +198,7 @@ def test_eval_matches_the_seed_and_updates_neither_u_nor_sv(kind, num_svs, num_i
         _assert_same_state(ref, new_state, u_key, sv_key, rtol=1e-10, atol=1e-12)
 
 
-def test_float32_with_a_large_eps_matches_the_seed():
+def test_float32_with_a_large_eps_matches_biggan_pytorch():
     """``eps`` is the floor of ``F.normalize``; a large one changes every vector, on both sides alike."""
     ref, net, params, state, inputs, u_key, sv_key = _twins("linear", 2, 2, eps=0.5, dtype=torch.float32)
     g = torch.Generator().manual_seed(5)
@@ -219,8 +219,8 @@ def _with_spectrum(svals, h, w, seed, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("num_svs", [1, 3, 5])
-def test_logged_top_k_singular_values_converge_to_svdvals_as_in_the_seed(num_svs):
-    """Training-mode calls on a fixed weight: pfunc's logged ``sv`` and the seed's both reach
+def test_logged_top_k_singular_values_converge_to_svdvals_as_in_biggan_pytorch(num_svs):
+    """Training-mode calls on a fixed weight: pfunc's logged ``sv`` and BigGAN-PyTorch's both reach
     ``torch.linalg.svdvals(W)[:num_svs]`` (a spectral gap of 0.8 per value)."""
     W = _with_spectrum([5.0, 4.0, 3.2, 2.56, 2.05, 1.0, 0.5], 12, 9, seed=num_svs)
     u_key, sv_key = step_key("weight", 0, "u"), step_key("weight", 0, "sv")
@@ -248,7 +248,7 @@ def test_logged_top_k_singular_values_converge_to_svdvals_as_in_the_seed(num_svs
 
 
 def test_num_itrs_in_one_call_equals_as_many_single_iteration_calls_in_training():
-    """The seed's ``for _ in range(num_itrs)`` reuses the ``u`` it just wrote: k iterations in one
+    """BigGAN-PyTorch's ``for _ in range(num_itrs)`` reuses the ``u`` it just wrote: k iterations in one
     training call are k calls of one iteration."""
     W = _with_spectrum([3.0, 2.0, 1.0], 8, 6, seed=0)
     lin = nn.Linear(6, 8, dtype=torch.float64)
