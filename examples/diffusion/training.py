@@ -136,16 +136,28 @@ def make_optimizer(params: Params, lr: float, weight_decay: float) -> torch.opti
 
 
 def draw_micro_batch(
-    data: Tensor, gens: Generators, diffusion: GaussianDiffusion, self_condition: bool, device: torch.device
+    data: Tensor,
+    gens: Generators,
+    diffusion: GaussianDiffusion,
+    self_condition: bool,
+    device: torch.device,
+    rows: Optional[slice] = None,
 ) -> MicroBatch:
-    """The next batch of ``data`` (``[N, C, H, W]`` in [0, 1] on ``device``) with its times, noise and coin."""
-    idx = gens.order.next().to(data.device)
-    x0 = normalize_to_neg_one_to_one(data[idx]).to(device)
+    """The next batch of ``data`` (``[N, C, H, W]`` in [0, 1] on ``device``) with its times, noise and coin.
+
+    ``rows`` (data parallel: this rank's slice of the global batch) keeps only those rows; the
+    generators draw the whole batch either way, so every rank's streams stay those of one process.
+    """
+    idx = gens.order.next()
     g = gens.noise
-    t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), generator=g, device=g.device).to(device)
-    noise = torch.randn(x0.shape, generator=g, device=g.device).to(device)
+    shape = (idx.shape[0], *data.shape[1:])
+    t = torch.randint(0, diffusion.num_timesteps, (idx.shape[0],), generator=g, device=g.device)
+    noise = torch.randn(shape, generator=g, device=g.device)
     use_sc = bool(self_condition and torch.rand((), generator=gens.coin).item() < 0.5)
-    return MicroBatch(x0, t, noise, use_sc)
+    if rows is not None:
+        idx, t, noise = idx[rows], t[rows], noise[rows]
+    x0 = normalize_to_neg_one_to_one(data[idx.to(data.device)]).to(device)
+    return MicroBatch(x0, t.to(device), noise.to(device), use_sc)
 
 
 @torch.no_grad()
@@ -169,10 +181,13 @@ def train_step(
     ema_decay: float,
     ema_every: int,
     ema_after: int,
+    average: Optional[Callable[[Params], Params]] = None,
 ) -> float:
     """One optimizer step over ``micro_batches`` (gradient accumulation: their mean gradient); returns the mean loss.
 
-    Mutates ``ts``: params (through the optimizer), state, EMA and step.
+    Mutates ``ts``: params (through the optimizer), state, EMA and step. ``average`` (data parallel:
+    the mean over ranks) is applied to the accumulated gradient before clipping; the returned loss
+    is this process's.
     """
     total: Optional[Params] = None
     loss_sum = None
@@ -182,6 +197,8 @@ def train_step(
         total = grads if total is None else {k: total[k] + grads[k] for k in total}
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     k = len(micro_batches)
+    if average is not None:
+        total = average(total)
     for name, p in ts.params.items():
         g = total[name]
         p.grad = (g / k if k > 1 else g).to(p.dtype)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Callable, Mapping, Union
 
 import torch
 from torch import Tensor
@@ -227,14 +227,25 @@ def check_fits(payload: dict, net, where: str) -> None:
         raise CheckpointError(f"checkpoint {where!r}: its {bad[0]} hold NaN or infinite values")
 
 
-def restore(payload: dict, net, cfg: TrainConfig, device: torch.device, gens: Generators, where: str) -> TrainState:
+def restore(
+    payload: dict,
+    net,
+    cfg: TrainConfig,
+    device: torch.device,
+    gens: Generators,
+    where: str,
+    optimizer_factory: Callable[[dict, float, float], torch.optim.Optimizer] = make_optimizer,
+) -> TrainState:
     """The :class:`~.training.TrainState` of a checked payload (:func:`check_payload`, :func:`check_fits`) on
-    ``device``; ``gens`` get the payload's random streams. :class:`CheckpointError` if torch refuses a state."""
+    ``device``; ``gens`` get the payload's random streams. :class:`CheckpointError` if torch refuses a state.
+
+    ``optimizer_factory(params, lr, weight_decay)`` makes the optimizer that loads the payload's full
+    optimizer state (a ``ZeroRedundancyOptimizer`` keeps its own shard of it)."""
     names = list(payload["params"])
     params = {k: payload["params"][k].to(device).requires_grad_(True) for k in names}
     state = {k: v.to(device) for k, v in payload["state"].items()}
     ema = {k: payload["ema"][k].to(device) for k in names}
-    optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay)
+    optimizer = optimizer_factory(params, cfg.lr, cfg.weight_decay)
     try:
         optimizer.load_state_dict(payload["optimizer"])
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
