@@ -14,16 +14,18 @@ Run from the repository root::
 
     python -m examples.ensemble                      # about 15 s on 2 CPU cores
     python -m examples.ensemble --members 4 --steps 20 --timing-budget 1 --timing-repeats 2   # smoke test
+    torchrun --nproc_per_node=2 -m examples.ensemble  # the members split over 2 processes
 
 Each run writes a new folder ``<--results-dir>/<YYYY-mm-dd_HH-MM-SS>_<N>members/`` (default
-``--results-dir results/ensemble``; a previous run is never overwritten) with ``metrics.json`` and
-``ensemble.png``. Progress (loss, time left) goes to standard error.
+``--results-dir results/ensemble``; a previous run is never overwritten) with ``metrics.json``,
+``members.pt`` (the trained members and their losses) and ``ensemble.png``. Progress (loss, time
+left) goes to standard error. Under torchrun each process vmaps its share of the members and
+rank 0 writes (:mod:`examples.ensemble_split`); member ``k`` is the same wherever it trains.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -37,11 +39,11 @@ from torch import Tensor, nn
 import pfunc as pf
 from benchmarks.timing import measure
 from examples import arguments as A
-from examples.atomic import write_atomically
 from examples.busy_machine import busy_machine_advice
-from examples.plots import save_map
+from examples.ensemble_report import evaluate, far_points, save_decision_map, write_results
 from examples.progress import progress
 from examples.run_folder import run_in_new_folder
+from examples.torchrun import LaunchError, launch_from_env, silenced
 from pfunc.parametrizations import SpectralNorm
 from pfunc.spectral import spectral_norm_spec
 
@@ -59,6 +61,7 @@ __all__ = [
     "evaluate",
     "max_abs_diff",
     "save_decision_map",
+    "write_results",
     "main",
 ]
 
@@ -254,65 +257,6 @@ def max_abs_diff(a: Tree, b: Tree) -> float:
     return max((float((a[k].detach() - b[k].detach()).abs().max()) for k in a), default=0.0)
 
 
-def far_points(n: int, generator: torch.Generator, radius: tuple[float, float] = (2.0, 4.0)) -> Tensor:
-    """``(n, 2)`` points on an annulus well outside the spirals (which reach radius 1)."""
-    angle = torch.rand(n, generator=generator) * 2 * math.pi
-    r = radius[0] + (radius[1] - radius[0]) * torch.rand(n, generator=generator)
-    return torch.stack([r * torch.cos(angle), r * torch.sin(angle)], dim=-1)
-
-
-def evaluate(net: pf.Parametrized, params: Tree, state: Tree, data: tuple[Tensor, Tensor], far: Tensor) -> dict:
-    """Eval-mode scores: test accuracy of each member and of the ensemble (mean probability), and
-    the members' disagreement (std of their probabilities, averaged) on the test data and on ``far``."""
-    x, y = data
-
-    def probabilities(inputs):
-        with torch.no_grad():
-            logits, _ = pf.ensemble.call(net, params, state, inputs, training=False)
-        return torch.sigmoid(logits.squeeze(-1))  # (members, n)
-
-    probs = probabilities(x)
-    member_acc = ((probs > 0.5).float() == y).float().mean(dim=1)
-    ensemble_acc = ((probs.mean(0) > 0.5).float() == y).float().mean()
-    return {
-        "member_accuracy_mean": float(member_acc.mean()),
-        "member_accuracy_min": float(member_acc.min()),
-        "member_accuracy_max": float(member_acc.max()),
-        "ensemble_accuracy": float(ensemble_acc),
-        "disagreement_test": float(probs.std(dim=0).mean()),
-        "disagreement_far": float(probabilities(far).std(dim=0).mean()),
-    }
-
-
-def save_decision_map(path: Path, net: pf.Parametrized, params: Tree, state: Tree, data: tuple[Tensor, Tensor], n: int = 96) -> None:
-    """The ensemble's mean probability of class 1 over an ``n x n`` grid as colours, the grid
-    points where the members disagree (std of their probabilities > 0.05) hatched, and the
-    training points on top (class 0 white, class 1 black; the legend below the map and the colour
-    bar beside it, off the data)."""
-    lim = 1.3
-    axis = torch.linspace(-lim, lim, n)
-    gy, gx = torch.meshgrid(axis, axis, indexing="ij")  # row i: y = axis[i]; column j: x = axis[j]
-    grid = torch.stack([gx.flatten(), gy.flatten()], dim=-1)
-    with torch.no_grad():
-        logits, _ = pf.ensemble.call(net, params, state, grid, training=False)
-    probs = torch.sigmoid(logits.squeeze(-1))  # (members, n*n)
-    mean, spread = probs.mean(0).reshape(n, n), probs.std(0).reshape(n, n)
-    x, y = data
-    save_map(
-        path,
-        mean,
-        extent=(-lim, lim, -lim, lim),
-        title=f"{probs.shape[0]} spectrally normalised MLPs, trained in one vmap",
-        colorbar_label="ensemble's mean P(class 1)",
-        vmin=0.0,
-        vmax=1.0,
-        region=spread > 0.05,
-        region_label="members disagree (std > 0.05)",
-        points={"training data, class 0": x[y == 0], "training data, class 1": x[y == 1]},
-        point_colors=["white", "black"],
-    )
-
-
 def _parser() -> argparse.ArgumentParser:
     p = A.ArgumentParser(prog="python -m examples.ensemble", description=__doc__.split("\n")[0])
     p.add_argument("--members", type=A.positive_int, default=16, help="models in the ensemble")
@@ -338,13 +282,27 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> dict:
     """The command line: check equality, time, train, score, write. Returns the metrics (with
     ``"run_folder"`` and the losses). Bad flags exit with status 2, an unusable results folder
-    with 1, Ctrl-C with 130 (a run folder with nothing in it yet is removed), each with one line."""
+    with 1, Ctrl-C with 130 (a run folder with nothing in it yet is removed), each with one line.
+    Under torchrun the members are split over the processes (:mod:`examples.ensemble_split`);
+    rank 0 writes and returns the metrics, the other ranks return ``{}``."""
     parser = _parser()
-    args = parser.parse_args(argv)
-    if args.check_member >= args.members:
-        parser.error(f"argument --check-member: must be below --members ({args.members}), got {args.check_member}")
-    if args.batch > args.train_size:
-        parser.error(f"argument --batch: must be at most --train-size ({args.train_size}), got {args.batch}")
+    try:
+        launch = launch_from_env()
+    except LaunchError as e:
+        parser.error(str(e))
+    with silenced(launch is not None and not launch.is_writer):  # the same argv everywhere: rank 0 says what is wrong
+        args = parser.parse_args(argv)
+        if args.check_member >= args.members:
+            parser.error(f"argument --check-member: must be below --members ({args.members}), got {args.check_member}")
+        if args.batch > args.train_size:
+            parser.error(f"argument --batch: must be at most --train-size ({args.train_size}), got {args.batch}")
+        if launch is not None and args.members < launch.world_size:
+            parser.error(f"argument --members: {args.members} members cannot be split over the {launch.world_size} processes "
+                         f"torchrun started (each needs at least one): pass --members {launch.world_size} or more")
+    if launch is not None:
+        from examples.ensemble_split import run_split  # torchrun only
+
+        return run_split(args, launch)
     return run_in_new_folder(args.results_dir, f"{args.members}members", lambda out: _run(args, out))
 
 
@@ -384,10 +342,6 @@ def _run(args: argparse.Namespace, out: Path) -> dict:
                                                args.data_seed, on_step=lambda step_losses: bar.update(loss=float(step_losses.mean())))
     seconds = time.perf_counter() - t0
     scores = evaluate(net, params, state, test_data, far_points(4096, g))
-    print(f"trained {args.members} members x {args.steps} steps in {seconds:.1f}s; test accuracy: members "
-          f"{scores['member_accuracy_mean']:.3f} (min {scores['member_accuracy_min']:.3f}, max {scores['member_accuracy_max']:.3f}), "
-          f"ensemble {scores['ensemble_accuracy']:.3f}; members disagree by {scores['disagreement_test']:.3f} on test data, "
-          f"{scores['disagreement_far']:.3f} far from it (std of their probabilities)")
     metrics = {
         "equality": {"member": k, "steps": n, "max_abs_diff_params": diff_params, "max_abs_diff_state": diff_state},
         "speed": speed,
@@ -395,9 +349,7 @@ def _run(args: argparse.Namespace, out: Path) -> dict:
         "train_seconds": seconds,
         "args": {key: str(v) for key, v in vars(args).items()},
     }
-    write_atomically(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()), what="ensemble")
-    save_decision_map(out / "ensemble.png", net, params, state, train_data)
-    print(f"wrote metrics.json and ensemble.png in {out}")
+    write_results(out, net, params, state, losses, train_data, metrics)
     return {**metrics, "losses": losses, "run_folder": str(out)}
 
 
