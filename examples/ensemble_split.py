@@ -100,7 +100,12 @@ def run_split(args: argparse.Namespace, launch: Launch) -> dict:
         out = meeting.from_writer(out, "hearing the run folder from rank 0")
         if out is None:
             raise SystemExit(1)
-        return _run_share(args, launch, meeting, out)
+        result = _run_share(args, launch, meeting, out)
+        try:  # leave together: a rank that exits while another still holds the connection can abort at exit
+            dist.barrier()
+        except RuntimeError as e:
+            raise meeting.fail("waiting for every rank to finish", e) from None
+        return result
     except KeyboardInterrupt:
         if launch.is_writer and out is not None:
             empty = out.is_dir() and not any(out.iterdir())

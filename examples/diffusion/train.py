@@ -358,7 +358,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: Plan
     times = RunTimes(t_start, start_step, time.perf_counter() - t_train, images_per_step, plan.payload is not None,
                      1 if dp is None else dp.world_size)
     if dp is not None:
-        dp.close()  # the training is over: rank 0 samples and scores alone
+        dp.close(together=True)  # the training is over: rank 0 samples and scores alone
         if not writer:
             return 0
     return finish_run(run_dir, cfg, net, diffusion, ts, data, device, times)
