@@ -21,7 +21,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from . import caching, call_overhead, compiled, ensembles, layers, power_iteration, unet
+from . import caching, call_overhead, compiled, distributed, ensembles, layers, power_iteration, unet
 from .comparison import Comparison, Row
 from .machine import describe
 from .report import assemble, device_section, fmt_seconds
@@ -38,6 +38,7 @@ FAMILY_MODULES = {
     "compiled": compiled,
     "unet": unet,
     "call_overhead": call_overhead,
+    "distributed": distributed,
 }
 
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device-name fragment, most specific first
@@ -105,6 +106,8 @@ def notes(family: str, sizes: Sizes, device: torch.device, warm_up_s: Optional[f
         return ensembles.notes(sizes, device)
     if family == "compiled" and warm_up_s is not None:
         return [f"Inductor's one-time start-up (first compile in the process, not counted in any row): {warm_up_s:.1f} s."]
+    if family == "distributed":
+        return distributed.notes(sizes, device)
     if family == "unet" and not unet.available():
         return ["`examples/diffusion/unet.py` is not importable here: item 6 not measured."]
     return []

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from benchmarks import call_overhead, caching, compiled, ensembles, layers, power_iteration, report, run, unet
+from benchmarks import call_overhead, caching, compiled, distributed, ensembles, layers, power_iteration, report, run, unet
 from benchmarks.comparison import Comparison, MismatchError, Row, Variant
 from benchmarks.timing import Timing
 from benchmarks.sizes import SMOKE
@@ -38,6 +38,18 @@ def test_every_variant_of_every_row_equals_the_reference(family):
 def test_unet_step_pfunc_equals_torch_parametrize():
     (comparison,) = unet.comparisons(SMOKE)
     comparison.check()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_distributed_rows_agree_across_two_real_ranks_and_report_their_columns():
+    rows = list(distributed.comparisons(SMOKE))
+    for comparison in rows:
+        comparison.check()  # the 2-rank averaged gradient is the whole batch's; every bucket size, the same mean
+    assert [c.labels["row"] for c in rows] == ["step", "step, bucket size", "all-reduce"]
+    text = report.table([c.run(budget_s=0.0) for c in rows])
+    for column in ("2 processes / 1 process", "all-reduce share of the 2-process step", "1 MB buckets / 25 MB buckets", "buckets"):
+        assert column in text.splitlines()[0], text
+    assert list(distributed.comparisons(SMOKE, "cuda")) == []  # not measured without a GPU: a note says what would be
 
 
 @pytest.mark.compile
