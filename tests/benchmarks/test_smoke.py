@@ -47,7 +47,8 @@ def test_distributed_rows_agree_across_two_real_ranks_and_report_their_columns()
         comparison.check()  # the 2-rank averaged gradient is the whole batch's; every bucket size, the same mean
     assert [c.labels["row"] for c in rows] == ["step", "step, bucket size", "all-reduce"]
     text = report.table([c.run(budget_s=0.0) for c in rows])
-    for column in ("2 processes / 1 process", "all-reduce share of the 2-process step", "1 MB buckets / 25 MB buckets", "buckets"):
+    for column in ("2 processes / 1 process", "all-reduce share of the 2-process step", "step time the all-reduce adds",
+                   "1 MB buckets / 25 MB buckets", "buckets"):
         assert column in text.splitlines()[0], text
     assert list(distributed.comparisons(SMOKE, "cuda")) == []  # not measured without a GPU: a note says what would be
 
