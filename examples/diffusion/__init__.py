@@ -9,5 +9,7 @@ the originals, EMA), :mod:`.model` (the model a config describes, sampling from 
 (what a run's checkpoint holds and its checks), :mod:`.config` (presets and checks),
 :mod:`.quality` (Fréchet classifier distance with brackets), :mod:`.cli`, :mod:`.folders` and
 :mod:`.interrupt` (what the commands share), and the two commands:
-``python -m examples.diffusion.train`` and ``python -m examples.diffusion.sample``.
+``python -m examples.diffusion.train`` (its flags in :mod:`.train_args`, its checks before any work
+in :mod:`.train_plan`, what a run writes in :mod:`.run_outputs`, one model across torchrun's
+processes in :mod:`.data_parallel`) and ``python -m examples.diffusion.sample``.
 """

@@ -332,7 +332,9 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: Plan
                 return stop.exit_status
     except RankFailure as e:  # a peer died or stalled: this rank stops; the last checkpoint is the way back
         bar.close()
-        print(f"error: {e}; {last_checkpoint()}; resume with: {resume_hint(run_dir, dp)}", file=sys.stderr)
+        # only rank 0 knows whether its last save went through; another rank names the folder, not a step
+        saved = last_checkpoint() if writer else f"rank 0 writes the checkpoints in {run_dir}"
+        print(f"error: {e}; {saved}; resume with: {resume_hint(run_dir, dp)}", file=sys.stderr)
         return 1
     except CheckpointError as e:
         bar.close()

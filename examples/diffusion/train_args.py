@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--eval-samples", type=int, help="images sampled for the quality score (0: skip it)" + _preset_note("eval_samples"))
 
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", type=int, help="images per forward/backward" + _preset_note("batch_size"))
+    opt.add_argument("--batch-size", type=int, help="images per forward/backward (under torchrun: the global batch, split "
+                     "evenly over the processes)" + _preset_note("batch_size"))
     opt.add_argument("--grad-accum", type=int, help="forward/backward passes per optimizer step" + _preset_note("grad_accum"))
     opt.add_argument("--lr", type=float, help="AdamW learning rate (positive, finite)" + _preset_note("lr"))
     opt.add_argument("--weight-decay", type=float, help="AdamW weight decay (non-negative, finite)" + _preset_note("weight_decay"))
@@ -138,9 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--ema-every", type=int, help="update the EMA every N steps" + _preset_note("ema_every"))
     opt.add_argument("--ema-after", type=int, help="the EMA copies the params until this step" + _preset_note("ema_after"))
 
-    ranks = p.add_argument_group(
-        "several processes (under torchrun --nproc_per_node=N: one model, each rank a slice of every global batch; "
-        "refused in a single process)")
+    ranks = p.add_argument_group("several processes (torchrun --nproc_per_node=N -m examples.diffusion.train; refused in one process)")
     ranks.add_argument("--backend", choices=("auto", "gloo", "nccl"), default=None,
                        help="torch.distributed backend: 'auto' (the default) is NCCL on CUDA, gloo on CPU")
     ranks.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",

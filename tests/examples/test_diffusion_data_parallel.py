@@ -19,9 +19,10 @@ import torch
 
 from examples.diffusion.checkpoint import load_checkpoint
 from examples.diffusion.config import PRESETS, ConfigError, TrainConfig
-from examples.diffusion.data_parallel import DataParallel, is_module_buffer
+from examples.diffusion.data_parallel import DataParallel, choose_backend, is_module_buffer, rank_device
 from examples.diffusion.train import main, read_losses
 from examples.diffusion.train_args import build_parser, check_launch_flags, check_world_size
+from examples.torchrun import Launch
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),  # tests/examples/conftest.py
@@ -191,6 +192,18 @@ def test_a_killed_rank_ends_the_job_in_one_line_and_the_run_resumes_on_2_ranks_a
     assert_follows(one_process, run)
 
 
+def test_when_the_writer_dies_the_other_rank_says_so_in_one_line_without_claiming_a_checkpoint(tmp_path):
+    proc = torchrun([*TINY, "--steps", "400", "--results-dir", str(tmp_path), "--dist-timeout", "20"])
+    run = wait_for_steps(tmp_path, proc, 3)
+    os.kill(rank_pid(proc.pid, 0), signal.SIGKILL)
+    out = finish(proc, timeout=120)
+    errors = [l for l in ours(out).splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 1 of 2: "), out[-4000:]
+    assert f"rank 0 writes the checkpoints in {run}; resume with: torchrun --nproc_per_node=2" in errors[0]
+    assert load_checkpoint(run / "checkpoint.pt")["step"] >= 2  # what rank 0 wrote is whole
+    no_traceback_of_ours(out)
+
+
 def test_ctrl_c_under_torchrun_saves_once_on_rank_0_and_every_rank_stops(tmp_path):
     proc = torchrun([*TINY, "--steps", "400", "--checkpoint-every", "1000", "--results-dir", str(tmp_path)], start_new_session=True)
     run = wait_for_steps(tmp_path, proc, 4)
@@ -275,3 +288,20 @@ def test_several_process_flags_with_values_that_cannot_work_are_refused(flag, me
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_launch_flags(args, 2)
     check_launch_flags(build_parser().parse_args([*TINY, "--dist-timeout", "5", "--bucket-cap-mb", "1", "--zero"]), 2)
+
+
+def test_the_device_and_backend_of_a_rank_are_chosen_or_refused_naming_the_flag():
+    launch = Launch(rank=1, world_size=2, local_rank=1, local_world_size=2)
+    assert choose_backend(None, torch.device("cpu")) == "gloo" and choose_backend("auto", torch.device("cpu")) == "gloo"
+    with pytest.raises(ConfigError, match=r"--backend nccl moves CUDA tensors only, and this run is on cpu"):
+        choose_backend("nccl", torch.device("cpu"))
+    if torch.cuda.is_available():  # one GPU per process, from LOCAL_RANK
+        if torch.cuda.device_count() >= 2:
+            assert rank_device("auto", launch) == torch.device("cuda", 1)
+        else:
+            with pytest.raises(ConfigError, match=r"each process needs its own GPU: pass --nproc_per_node=1"):
+                rank_device("auto", launch)
+        return
+    assert rank_device("auto", launch) == torch.device("cpu") and rank_device("cpu", launch) == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"--device cuda: CUDA is not available on this machine"):
+        rank_device("cuda", launch)

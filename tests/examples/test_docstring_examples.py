@@ -1,0 +1,17 @@
+"""The runnable examples in the docstrings of the modules that launch and split work across processes."""
+
+import doctest
+import importlib
+
+import pytest
+
+
+@pytest.mark.parametrize("name", [
+    "examples.diffusion.data_parallel",
+    "examples.diffusion.train_args",
+    "examples.diffusion.run_outputs",
+    "examples.ensemble_report",
+])
+def test_the_docstring_examples_run(name):
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.attempted and not result.failed
