@@ -39,7 +39,7 @@ import pfunc as pf
 from benchmarks.timing import measure
 from examples import arguments as A
 from examples.atomic import write_atomically
-from examples.busy_machine import busy_machine_advice
+from examples.threads import choose_threads
 from examples.plots import save_line_plot
 from examples.progress import progress
 from examples.run_folder import run_in_new_folder
@@ -350,11 +350,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 def _run(args: argparse.Namespace, out: Path) -> dict:
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    advice = busy_machine_advice(args.threads)
-    if advice:
-        print(advice, file=sys.stderr)
+    note = choose_threads(args.threads)
+    if note:
+        print(note, file=sys.stderr)
     print(f"run folder: {out}")
     print(f"timing one training step (forward + backward; hidden {args.timing_hidden}, T {args.seq_len}, batch {args.batch})")
     timing = compare_caching(

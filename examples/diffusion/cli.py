@@ -1,10 +1,8 @@
-"""What the diffusion commands share at the command line: short errors, the device choice, a busy-machine note.
+"""What the diffusion commands share at the command line: short errors, the device choice, memory checks.
 
 A bad flag prints the error and one line saying where the help is, not the whole usage
 (exit status 2, as argparse). :func:`resolve_device` follows the training script's
 convention: ``auto`` is the first CUDA device when there is one, else the CPU.
-:func:`choose_threads` keeps torch's threads to the idle cores when other processes keep some
-busy, the case where torch's default of one thread per core runs ten times slower, and says so.
 
 >>> p = ShortErrorParser(prog="python -m examples.diffusion.sample")
 >>> _ = p.add_argument("--seed", type=int)
@@ -31,7 +29,7 @@ import torch
 
 from .config import ConfigError
 
-__all__ = ["ShortErrorParser", "resolve_device", "choose_threads", "check_compile_backend", "check_memory", "physical_memory"]
+__all__ = ["ShortErrorParser", "resolve_device", "check_compile_backend", "check_memory", "physical_memory"]
 
 
 class ShortErrorParser(argparse.ArgumentParser):
@@ -78,36 +76,6 @@ def check_compile_backend(name: str) -> None:
         raise ConfigError(
             f"--compile-backend {name!r} is not a registered torch.compile backend; this torch has e.g. {', '.join(sorted(set(shown)))}"
         )
-
-
-def choose_threads(requested: Optional[int]) -> Optional[str]:
-    """Set torch's CPU threads: ``requested`` (``--threads``) when given; else no more than the idle cores.
-
-    The idle cores are the core count less the 1-minute load average, rounded (at least 1). torch's
-    default, one OpenMP thread per core, stalls at every barrier waiting for a thread that another
-    process preempted: measured on this project's 2-core machine, the CPU preset trained at 6.5
-    images/s with 2 threads against 70 with 1 at load 5-7, and sampling ran 10x slower with 2 threads
-    while a single other process kept one core busy (load 1.7); on idle cores 2 threads are 1.5x faster
-    than 1. Returns the note to print when it chose fewer threads than torch's default, else ``None``.
-    """
-    if requested is not None:
-        torch.set_num_threads(requested)
-        return None
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):  # not available on this platform
-        return None
-    cores = os.cpu_count() or 1
-    default = torch.get_num_threads()
-    idle = max(1, int(cores - load + 0.5))
-    if idle >= default:
-        return None
-    torch.set_num_threads(idle)
-    return (
-        f"note: this machine is busy (load average {load:.1f} on {cores} cores): running on {idle} "
-        f"thread{'s' if idle > 1 else ''} instead of torch's {default}, which is many times faster when other "
-        f"processes compete for the cores (--threads {default} to use them anyway)"
-    )
 
 
 def physical_memory() -> Optional[int]:

@@ -39,7 +39,9 @@ from examples.images import save_image_grid
 from examples.progress import progress
 
 from .checkpoint import CheckpointError, read_checkpoint
-from .cli import ShortErrorParser, choose_threads, check_memory, resolve_device
+from examples.threads import choose_threads
+
+from .cli import ShortErrorParser, check_memory, resolve_device
 from .config import SEED_LIMIT, ConfigError
 from .data import BadImageError, load_image_folder
 from .folders import FolderError, check_can_create, new_timestamped_folder, timestamp

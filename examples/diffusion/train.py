@@ -39,7 +39,7 @@ import torch
 import pfunc as pf
 from examples.images import save_image_grid
 from examples.progress import progress
-from examples.torchrun import Launch, LaunchError, launch_from_env, silenced
+from examples.torchrun import Launch, LaunchError, launch_from_env, let_the_reporting_rank_speak, silenced
 
 from .checkpoint import CheckpointError, save_checkpoint
 from .cli import resolve_device
@@ -113,6 +113,7 @@ def _main_ranks(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], 
     except ConfigError as e:  # before the process group exists: one voice per machine
         if launch.local_rank == 0:
             parser.error(str(e))
+        let_the_reporting_rank_speak()
         return 2
     try:
         dp = start_data_parallel(launch, device, backend, timeout_s=args.dist_timeout or DEFAULT_TIMEOUT_S, zero=bool(args.zero),

@@ -20,7 +20,9 @@ from typing import Any, Optional
 import torch
 
 from .checkpoint import read_checkpoint
-from .cli import choose_threads, check_compile_backend, check_memory, resolve_device
+from examples.threads import choose_threads
+
+from .cli import check_compile_backend, check_memory, resolve_device
 from .config import SEED_LIMIT, ConfigError, TrainConfig
 from .data import BadImageError, draw_shapes, load_image_folder
 from .data_parallel import DataParallel

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 import pfunc as pf
 from examples import arguments as A
 from examples.atomic import write_atomically
-from examples.busy_machine import busy_machine_advice
+from examples.threads import choose_threads
 from examples.gan.tasks import Task, mixture_task, shapes_task
 from examples.plots import save_line_plot
 from examples.progress import progress
@@ -313,11 +313,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 def _run(args: argparse.Namespace, out: Path) -> dict:
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    advice = busy_machine_advice(args.threads) if args.device.type == "cpu" else None
-    if advice:
-        print(advice, file=sys.stderr)
+    note = choose_threads(args.threads)
+    if note:
+        print(note, file=sys.stderr)
     device = args.device
     if args.data == "shapes":
         print(f"training the scoring classifier ({args.judge_steps} steps)...", file=sys.stderr)

@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from examples.diffusion.checkpoint import load_checkpoint, save_checkpoint
-from examples.diffusion.cli import choose_threads
 from examples.diffusion.config import PRESETS, TrainConfig
 from examples.diffusion.data import draw_shapes
 from examples.diffusion.train import build_parser, main, resolve_device
@@ -128,28 +127,6 @@ def test_results_dir_on_a_read_only_folder_is_refused_before_any_work(capsys, tm
     assert os.listdir(ro) == []
 
 
-def test_a_busy_machine_runs_on_its_idle_cores_and_says_so_unless_threads_is_given(monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    torch.set_num_threads(2)   # the one_thread fixture restores it
-    for load in (9.0, 1.7):
-        monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
-        torch.set_num_threads(2)
-        note = choose_threads(None)
-        assert torch.get_num_threads() == 1
-        assert note == (f"note: this machine is busy (load average {load:.1f} on 2 cores): running on 1 thread instead of "
-                        "torch's 2, which is many times faster when other processes compete for the cores "
-                        "(--threads 2 to use them anyway)")
-    torch.set_num_threads(2)
-    assert choose_threads(2) is None and torch.get_num_threads() == 2     # --threads is obeyed
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 1.0, 1.0))
-    assert choose_threads(None) is None and torch.get_num_threads() == 2  # idle cores keep torch's default
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    monkeypatch.setattr(os, "getloadavg", lambda: (3.2, 1.0, 1.0))
-    torch.set_num_threads(16)
-    assert "running on 13 threads instead of torch's 16" in choose_threads(None) and torch.get_num_threads() == 13
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_requested_without_cuda_is_refused(capsys, tmp_path):
     assert "CUDA is not available" in _fails([*TINY, "--device", "cuda"], capsys, tmp_path)
 

@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 
 from examples.diffusion import sample, train
-from examples.diffusion.checkpoint import load_checkpoint
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/examples/conftest.py
