@@ -47,7 +47,7 @@ from .sizes import Sizes
 from .timing import synchronizer
 from .twins import FAMILIES, Family, build_twins
 
-__all__ = ["GraphBreaks", "graph_breaks", "compile_timed", "warm_up", "comparisons", "notes"]
+__all__ = ["GraphBreaks", "graph_breaks", "compile_timed", "warm_up", "comparisons"]
 
 FAMILY_NAME = "compiled"
 PFUNC_DIR = os.path.dirname(os.path.abspath(pfunc.__file__))

@@ -29,7 +29,7 @@ import pfunc as pf
 from .comparison import Comparison, Variant
 from .sizes import Sizes
 from .timing import synchronizer
-from .twins import FAMILIES, Family, Twins, build_twins
+from .twins import FAMILIES, Family, build_twins
 
 __all__ = ["MODELS", "Model", "comparisons", "loss_of"]
 

@@ -1,6 +1,5 @@
 """Ensembles: stacked members under vmap equal the per-member loop (forward, grad, training-mode SN)."""
 
-import copy
 
 import pytest
 import torch

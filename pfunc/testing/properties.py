@@ -52,7 +52,7 @@ from torch import Tensor
 
 from ..tree import step_key
 from .constraints import Constraint
-from .report import describe, describe_tree
+from .report import describe
 from .subject import TENSOR_NAME, Case, Subject
 from .tolerance import Tolerance, compare
 
