@@ -151,23 +151,26 @@ def _map_aux(api: str, aux: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     generic pytree's cost); any other node (namedtuple, registered classes) goes through
     ``torch.utils._pytree``, which is what ``torch.func`` flattens with.
     """
+    return _walk_aux(api, aux, aux, fn)
 
-    def walk(tree: Any) -> Any:
-        if isinstance(tree, Tensor):
-            return fn(tree)
-        kind = type(tree)
-        if kind is dict:
-            return {k: walk(v) for k, v in tree.items()}
-        if kind is tuple:
-            return tuple([walk(x) for x in tree])
-        if kind is list:
-            return [walk(x) for x in tree]
-        leaves, spec = pytree.tree_flatten(tree)
-        if len(leaves) == 1 and leaves[0] is tree:  # a leaf that is not a tensor
-            raise _bad_aux(api, aux)
-        return pytree.tree_unflatten([walk(x) for x in leaves], spec)
 
-    return walk(aux)
+def _walk_aux(api: str, aux: Any, tree: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    # A module-level function, not a closure that calls itself: such a closure is a reference
+    # cycle that would keep aux, and the caller's leaves through fn, alive until the garbage
+    # collector runs (with it off, as in benchmarks, ~10% on a 0.6 ms gradient step).
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    kind = type(tree)
+    if kind is dict:
+        return {k: _walk_aux(api, aux, v, fn) for k, v in tree.items()}
+    if kind is tuple:
+        return tuple([_walk_aux(api, aux, x, fn) for x in tree])
+    if kind is list:
+        return [_walk_aux(api, aux, x, fn) for x in tree]
+    leaves, spec = pytree.tree_flatten(tree)
+    if len(leaves) == 1 and leaves[0] is tree:  # a leaf that is not a tensor
+        raise _bad_aux(api, aux)
+    return pytree.tree_unflatten([_walk_aux(api, aux, x, fn) for x in leaves], spec)
 
 
 def _checked(api: str, func: Callable[..., Any], has_aux: bool) -> Callable[..., Any]:

@@ -1,7 +1,9 @@
 """pfunc.grad: ``pf.grad`` / ``pf.grad_and_value`` equal ``torch.func``'s, at autograd's cost, touching nothing."""
 
 import doctest
+import gc
 import sys
+import weakref
 from collections import namedtuple
 from dataclasses import dataclass
 
@@ -144,6 +146,35 @@ def test_unused_inputs_and_constant_outputs_get_zeros_as_in_torch_func():
         for a, b in zip(got, expected):
             assert torch.equal(a, b) and a.shape == b.shape
     assert pf.grad(lambda d, a: a.sum())({}, x) == {}
+
+
+@pytest.mark.parametrize("api", ["grad", "grad_and_value", "ensemble"])
+def test_nothing_a_call_made_outlives_it_even_with_the_garbage_collector_off(api):
+    # the fresh leaves, the forward's output and aux are freed when the caller drops the results:
+    # no reference cycle keeps them (and their memory) until a collection
+    made = []
+
+    def f(p, x):
+        out = p["w"] * x
+        made.extend([weakref.ref(p["w"]), weakref.ref(out)])
+        return out.sum(), {"out": out, "nested": [out * 2, (out,)]}
+
+    p, x = {"w": torch.randn(3)}, torch.randn(3)
+    if api == "ensemble":
+        p, x = {"w": torch.randn(2, 3)}, torch.randn(2, 3)
+        call = pf.ensemble.grad_and_value(f, has_aux=True)
+    else:
+        call = getattr(pf, api)(f, has_aux=True)
+    gc.collect()
+    gc.disable()
+    try:
+        result = call(p, x)
+        assert made, "f never ran"
+        del result
+        alive = [r for r in made if r() is not None]
+        assert not alive, f"{len(alive)} of {len(made)} tensors made inside the call outlive it"
+    finally:
+        gc.enable()
 
 
 def test_aux_returning_a_differentiated_input_gives_back_the_callers_tensor():
