@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from examples.diffusion import compare_runs
 from examples.diffusion.checkpoint import load_checkpoint
 from examples.diffusion.config import PRESETS, ConfigError, TrainConfig
 from examples.diffusion.data_parallel import DataParallel, choose_backend, is_module_buffer, rank_device
@@ -155,6 +156,34 @@ def test_two_ranks_follow_the_one_process_run_step_for_step(one_process, two_ran
     root, out = two_ranks
     assert_follows(one_process, only_run(root))
     assert "across 2 processes (2 images each, gloo)" in out
+
+
+def test_compare_runs_measures_how_closely_the_two_ranks_followed_one_process(one_process, two_ranks, capsys, tmp_path):
+    run = only_run(two_ranks[0])
+    assert compare_runs.main([str(one_process), str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"losses: {STEPS} steps compared; largest relative difference" in out and "within rtol 1e-05 / atol 1e-05: yes" in out
+    rel, _, n = compare_runs.loss_difference(one_process, run)
+    assert n == STEPS and 0 <= rel <= 1e-5
+    # a run that did not follow: the same command with another seed is reported, exit status 3
+    other = tmp_path / "other"
+    argv = [*TINY, "--steps", str(STEPS), "--results-dir", str(other)]
+    argv[argv.index("--seed") + 1] = "6"
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert compare_runs.main([str(one_process), str(only_run(other))]) == 3
+    assert "within rtol 1e-05 / atol 1e-05: no" in capsys.readouterr().out
+    # not a run folder: one line, exit status 1
+    assert compare_runs.main([str(one_process), str(tmp_path / "nowhere")]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: '{tmp_path / 'nowhere'}' is not a run folder"]
+    # another model: refused naming the reason, not a shape error from torch
+    small = tmp_path / "small"
+    argv = [*TINY, "--steps", str(STEPS), "--results-dir", str(small)]
+    argv[argv.index("--dim") + 1] = "4"
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert compare_runs.main([str(one_process), str(only_run(small))]) == 1
+    assert "have different keys or shapes: not the same model" in capsys.readouterr().err
 
 
 def test_only_rank_0_writes_the_run_folder_and_speaks(one_process, two_ranks):
