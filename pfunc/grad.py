@@ -20,7 +20,8 @@ and key at fault). What differs is how the gradient is computed at the top level
   computes the gradient and records nothing for an outer backward. This compiled graph runs
   faster than a compiled forward plus AOTAutograd's compiled backward (``BENCHMARKS.md``
   item 5); dynamo cannot capture ``torch.autograd.grad`` itself without a graph break.
-* under ``torch.inference_mode()``, where autograd records nothing: ``torch.func`` too.
+* under ``torch.inference_mode()``, where autograd records nothing: ``torch.func``, run with
+  inference mode switched off for the gradient (older ``torch.func`` silently gave zeros there).
 
 Nothing of the caller's is touched: its tensors keep their values, ``requires_grad`` and
 graph, nothing accumulates in ``.grad``, and the returned gradients, value and aux are not
@@ -319,6 +320,11 @@ def _func_route(api: str, func: Callable[..., Any], argnums: Argnums, has_aux: b
         # compiling the outermost gradient: record nothing for an outer backward, so the compiled
         # graph is an inference graph that computes the gradient (torch.func re-enables grad inside)
         with torch.no_grad():
+            return inner(*args, **kwargs)
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+        # torch.func.grad under inference mode silently returns zeros on older torch (2.4 does);
+        # differentiating needs autograd to record, so leave inference mode for the gradient
+        with torch.inference_mode(False):
             return inner(*args, **kwargs)
     return inner(*args, **kwargs)
 

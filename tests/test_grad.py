@@ -192,6 +192,11 @@ def test_works_under_no_grad_and_inference_mode_like_torch_func():
     with torch.inference_mode():
         xi = x.clone()
         torch.testing.assert_close(pf.grad(f)(xi), expected, rtol=1e-12, atol=1e-12)
+        # per sample too (torch.func.grad itself gives zeros in inference mode on torch 2.4)
+        torch.testing.assert_close(torch.func.vmap(pf.grad(lambda a: a.sin() * a))(xi), expected, rtol=1e-12, atol=1e-12)
+        grads, value = pf.grad_and_value(f)(xi)
+        torch.testing.assert_close(grads, expected, rtol=1e-12, atol=1e-12)
+        assert value.item() == pytest.approx(f(x).item())
     torch.testing.assert_close(pf.grad(f)(xi), expected, rtol=1e-12, atol=1e-12)  # an inference tensor, later
 
 
