@@ -119,18 +119,27 @@ class _Shadow:
     def set_mode(self, training: Optional[bool]) -> bool:
         """Every shadow submodule in mode ``training``; ``None``: each in its original's current mode.
         Returns whether any submodule is now in training mode."""
+        # eager: a dict write per submodule; compiling: attribute assignment, which dynamo before
+        # torch 2.7 traces where it breaks the graph on a module's __dict__ item assignment
+        compiling = torch.compiler.is_compiling()
         if training is None:
             self.mode = None
             any_training = False
             for m, s in self.pairs:
                 mode = m.training
-                s.__dict__["training"] = mode
+                if compiling:
+                    s.training = mode
+                else:
+                    s.__dict__["training"] = mode
                 any_training = any_training or mode
             return any_training
         if self.mode is not training:
             self.mode = None  # unknown while half set (an interrupt may land here)
             for _, s in self.pairs:
-                s.__dict__["training"] = training
+                if compiling:
+                    s.training = training
+                else:
+                    s.__dict__["training"] = training
             self.mode = training
         return training
 
