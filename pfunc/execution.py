@@ -119,8 +119,8 @@ class _Shadow:
     def set_mode(self, training: Optional[bool]) -> bool:
         """Every shadow submodule in mode ``training``; ``None``: each in its original's current mode.
         Returns whether any submodule is now in training mode."""
-        # eager: a dict write per submodule; compiling: attribute assignment, which dynamo before
-        # torch 2.7 traces where it breaks the graph on a module's __dict__ item assignment
+        # eager: a dict write per submodule; compiling: attribute assignment, which dynamo on
+        # torch 2.6 traces where it breaks the graph on a module's __dict__ item assignment
         compiling = torch.compiler.is_compiling()
         if training is None:
             self.mode = None

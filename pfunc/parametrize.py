@@ -98,7 +98,7 @@ class Parametrized:
         known = {n: self._module_params[n].shape for n in self._plain_params}
         known.update(shapes or {})
         unsafe = {k for plan in self._plans if any(plan.chain.unsafe) for k in plan.original_keys}
-        # a plain dict, private: torch.compile before 2.7 breaks the graph on a mappingproxy's items()
+        # a plain dict, private: torch.compile on torch 2.6 breaks the graph on a mappingproxy's items()
         self._shapes = {k: s for k, s in known.items() if k in self.param_keys and k not in unsafe}
         self._non_persistent = frozenset(self._non_persistent_keys())
 
