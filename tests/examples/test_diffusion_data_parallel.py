@@ -158,6 +158,15 @@ def test_two_ranks_follow_the_one_process_run_step_for_step(one_process, two_ran
     assert "across 2 processes (2 images each, gloo)" in out
 
 
+def _tiny_run_with(root: Path, flag: str, value: str, capsys) -> Path:
+    """The reference's command with one flag changed, run in this process; its run folder."""
+    argv = [*TINY, "--steps", str(STEPS), "--results-dir", str(root)]
+    argv[argv.index(flag) + 1] = value
+    assert main(argv) == 0
+    capsys.readouterr()
+    return only_run(root)
+
+
 def test_compare_runs_measures_how_closely_the_two_ranks_followed_one_process(one_process, two_ranks, capsys, tmp_path):
     run = only_run(two_ranks[0])
     assert compare_runs.main([str(one_process), str(run)]) == 0
@@ -166,23 +175,15 @@ def test_compare_runs_measures_how_closely_the_two_ranks_followed_one_process(on
     rel, _, n = compare_runs.loss_difference(one_process, run)
     assert n == STEPS and 0 <= rel <= 1e-5
     # a run that did not follow: the same command with another seed is reported, exit status 3
-    other = tmp_path / "other"
-    argv = [*TINY, "--steps", str(STEPS), "--results-dir", str(other)]
-    argv[argv.index("--seed") + 1] = "6"
-    assert main(argv) == 0
-    capsys.readouterr()
-    assert compare_runs.main([str(one_process), str(only_run(other))]) == 3
+    other = _tiny_run_with(tmp_path / "other", "--seed", "6", capsys)
+    assert compare_runs.main([str(one_process), str(other)]) == 3
     assert "within rtol 1e-05 / atol 1e-05: no" in capsys.readouterr().out
     # not a run folder: one line, exit status 1
     assert compare_runs.main([str(one_process), str(tmp_path / "nowhere")]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [f"error: '{tmp_path / 'nowhere'}' is not a run folder"]
     # another model: refused naming the reason, not a shape error from torch
-    small = tmp_path / "small"
-    argv = [*TINY, "--steps", str(STEPS), "--results-dir", str(small)]
-    argv[argv.index("--dim") + 1] = "4"
-    assert main(argv) == 0
-    capsys.readouterr()
-    assert compare_runs.main([str(one_process), str(only_run(small))]) == 1
+    small = _tiny_run_with(tmp_path / "small", "--dim", "4", capsys)
+    assert compare_runs.main([str(one_process), str(small)]) == 1
     assert "have different keys or shapes: not the same model" in capsys.readouterr().err
 
 
