@@ -82,6 +82,15 @@ def _remap(value: Any, shadows: Mapping[int, nn.Module]) -> Any:
     return value
 
 
+def _set_training(shadow: nn.Module, mode: bool, compiling: bool) -> None:
+    """``shadow.training = mode``: eager, one dict write; compiling, attribute assignment, which
+    dynamo traces (on torch 2.6 it breaks the graph on item assignment into a module's ``__dict__``)."""
+    if compiling:
+        shadow.training = mode
+    else:
+        shadow.__dict__["training"] = mode
+
+
 class _Shadow:
     """One private copy of the module tree, with the slots every tensor is written to."""
 
@@ -119,27 +128,19 @@ class _Shadow:
     def set_mode(self, training: Optional[bool]) -> bool:
         """Every shadow submodule in mode ``training``; ``None``: each in its original's current mode.
         Returns whether any submodule is now in training mode."""
-        # eager: a dict write per submodule; compiling: attribute assignment, which dynamo on
-        # torch 2.6 traces where it breaks the graph on a module's __dict__ item assignment
         compiling = torch.compiler.is_compiling()
         if training is None:
             self.mode = None
             any_training = False
             for m, s in self.pairs:
                 mode = m.training
-                if compiling:
-                    s.training = mode
-                else:
-                    s.__dict__["training"] = mode
+                _set_training(s, mode, compiling)
                 any_training = any_training or mode
             return any_training
         if self.mode is not training:
             self.mode = None  # unknown while half set (an interrupt may land here)
             for _, s in self.pairs:
-                if compiling:
-                    s.training = training
-                else:
-                    s.__dict__["training"] = training
+                _set_training(s, training, compiling)
             self.mode = training
         return training
 

@@ -8,9 +8,10 @@ and key at fault). What differs is how the gradient is computed at the top level
 * **top level, eager** (no ``torch.func`` transform running): the differentiated inputs are
   replaced by fresh leaves (``t.detach().requires_grad_()``, sharing the caller's storage),
   ``f`` runs under ``torch.enable_grad()`` and one backward of autograd's engine (what
-  ``torch.autograd.grad`` calls) differentiates it without ``create_graph``. ``torch.func.grad`` differentiates with ``create_graph=True``, which keeps
-  every saved tensor of the forward alive through the whole backward (2.35x the peak memory
-  of ``loss.backward()`` on the diffusion Unet, 1.2-1.65x its time in ``BENCHMARKS.md``).
+  ``torch.autograd.grad`` calls) differentiates it without ``create_graph``.
+  ``torch.func.grad`` differentiates with ``create_graph=True``, which keeps every saved
+  tensor of the forward alive through the whole backward (on the diffusion Unet 2.35x the
+  peak memory and about 1.3x the time of ``loss.backward()``, ``BENCHMARKS.md`` item 6).
 * **inside** ``vmap``/``grad``/``jvp``/``jacrev``/``functionalize``, or inside the ``f`` of a
   top-level ``pf.grad``: ``torch.func.grad_and_value`` itself, so per-sample gradients, nesting
   and higher-order derivatives keep working (``pf.grad(pf.grad(f))`` differentiates the inner
@@ -157,8 +158,8 @@ def _map_aux(api: str, aux: Any, fn: Callable[[Tensor], Tensor]) -> Any:
 
 def _walk_aux(api: str, aux: Any, tree: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     # A module-level function, not a closure that calls itself: such a closure is a reference
-    # cycle that would keep aux, and the caller's leaves through fn, alive until the garbage
-    # collector runs (with it off, as in benchmarks, ~10% on a 0.6 ms gradient step).
+    # cycle that would keep aux, and the fresh leaves through fn, alive until the garbage
+    # collector runs (forever with it off; tests/test_grad.py checks nothing outlives a call).
     if isinstance(tree, Tensor):
         return fn(tree)
     kind = type(tree)

@@ -45,7 +45,8 @@ def arrival_order(output: Tensor, tensors: Sequence[Tensor]) -> tuple[list[int],
     root = output.grad_fn
     if root is None:  # the output is itself a leaf input
         order = leaf_of.get(id(output), [])
-        return order, [i for i in range(len(tensors)) if i not in set(order)]
+        reached = set(order)
+        return order, [i for i in range(len(tensors)) if i not in reached]
     deps: dict[int, int] = {}
     nodes = {id(root): root}
     stack = [root]
@@ -197,9 +198,10 @@ def all_reduce_in_backward(
     for i in unreachable:
         pending._zero(i)
     handles = []
+    skipped = set(unreachable)
     try:
         for i, t in enumerate(leaves.tensors):
-            if i not in unreachable:
+            if i not in skipped:
                 handles.append(t.register_hook(_Hook(pending, i)))
         yield pending
     finally:

@@ -57,13 +57,18 @@ class Pending:
         """How many of the bucket all-reduces have started so far (in order: 0..launched-1)."""
         return self._launched
 
+    def _what(self, k: int) -> str:
+        """Bucket ``k``'s all-reduce, as an error message names it."""
+        b = self._buckets[k]
+        return f"the all-reduce of bucket {k + 1} of {len(self._buckets)} ({b.dtype} on {b.device}, {b.nbytes / MB:.2f} MB)"
+
     def _launch(self, k: int) -> None:
-        b, flat = self._buckets[k], self._flats[k]
+        flat = self._flats[k]
         assert flat is not None and k == self._launched
         if self._op == "mean" and self._g.size > 1:
             flat.div_(self._g.size)  # before the sum, as DDP does: no overflow in half precision
-        what = f"the all-reduce of bucket {k + 1} of {len(self._buckets)} ({b.dtype} on {b.device}, {b.nbytes / MB:.2f} MB)"
-        self._works[k] = run_collective(self._where, what, self._g, dist.all_reduce, flat, op=dist.ReduceOp.SUM, group=self._g.pg, async_op=True)
+        self._works[k] = run_collective(self._where, self._what(k), self._g, dist.all_reduce, flat, op=dist.ReduceOp.SUM,
+                                        group=self._g.pg, async_op=True)
         self._launched += 1
 
     def _pack(self, k: int) -> None:
@@ -81,8 +86,7 @@ class Pending:
         self._finish_launches()
         out: list[Optional[Tensor]] = [None] * len(self._leaves.tensors)
         for k, (b, work) in enumerate(zip(self._buckets, self._works)):
-            what = f"the all-reduce of bucket {k + 1} of {len(self._buckets)} ({b.dtype} on {b.device}, {b.nbytes / MB:.2f} MB)"
-            run_collective(self._where, what, self._g, work.wait)
+            run_collective(self._where, self._what(k), self._g, work.wait)
             flat = self._flats[k]
             assert flat is not None
             for i, piece in zip(b.members, flat.split(b.numels)):
