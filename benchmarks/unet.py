@@ -163,7 +163,7 @@ def steps(sizes: Sizes, device: torch.device) -> Steps:
     loss_fn = make_loss_fn(net, diffusion, bf16=bf16, device_type=device.type)
     torch_named = dict(twin.named_parameters())
     torch_params = [torch_named[k] for k in keys]
-    opt_torch = torch.optim.AdamW(torch_params, lr=LR, betas=(0.9, 0.99), weight_decay=0.0)
+    opt_torch = make_optimizer(dict(zip(keys, torch_params)), LR, 0.0)  # the same AdamW, over the twin's parameters
     opt_pfunc = make_optimizer({k: params[k] for k in keys}, LR, 0.0)
     opts = {name: make_optimizer({k: copies[name][k] for k in keys}, LR, 0.0) for name in copies}
     func_grad = torch.func.grad_and_value(loss_fn, has_aux=True)

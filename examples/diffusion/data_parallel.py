@@ -238,13 +238,13 @@ class DataParallel:
     # ------------------------------------------------------------------ checkpoints
     def make_optimizer(self, params: Params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         """AdamW as :func:`~.training.make_optimizer`, sharded over the ranks by ``ZeroRedundancyOptimizer`` with ``--zero``."""
-        from .training import make_optimizer
+        from .training import ADAMW_BETAS, make_optimizer
 
         if not self.zero:
             return make_optimizer(params, lr, weight_decay)
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        return ZeroRedundancyOptimizer(list(params.values()), optimizer_class=torch.optim.AdamW, lr=lr, betas=(0.9, 0.99),
+        return ZeroRedundancyOptimizer(list(params.values()), optimizer_class=torch.optim.AdamW, lr=lr, betas=ADAMW_BETAS,
                                        weight_decay=weight_decay)
 
     def before_save(self, optimizer: torch.optim.Optimizer, params: Params) -> None:

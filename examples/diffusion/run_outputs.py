@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -33,6 +32,7 @@ from typing import Any, Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from examples.atomic import write_atomically
 from examples.images import save_image_grid
 from examples.plots import save_line_plot
 from examples.progress import progress
@@ -65,22 +65,17 @@ def read_losses(path: Path) -> list[tuple[int, float]]:
 
 
 def truncate_losses(path: Path, step: int) -> None:
-    """Keep only the log lines up to ``step`` (a killed run may have logged past its last checkpoint)."""
+    """Keep only the log lines up to ``step`` (a killed run may have logged past its last checkpoint),
+    atomically (a failed rewrite leaves the log as it was)."""
     kept = [(s, l) for s, l in read_losses(path) if s <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps({"step": s, "loss": l}) + "\n" for s, l in kept))
-    os.replace(tmp, path)
+    text = "".join(json.dumps({"step": s, "loss": l}) + "\n" for s, l in kept)
+    write_atomically(path, lambda f: f.write(text.encode()), what="the loss log")
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """``obj`` as indented JSON at ``path``, atomically (a temp file, then ``os.replace``)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """``obj`` as indented JSON at ``path``, atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    write_atomically(path, lambda f: f.write(text.encode()), what=path.name)
 
 
 def peak_memory(device: torch.device) -> dict:

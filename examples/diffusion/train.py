@@ -59,6 +59,10 @@ __all__ = ["build_parser", "resolve_config", "resolve_device", "build_model", "l
 
 
 # ------------------------------------------------------------------------------ main
+_INTERRUPTED_BEFORE = "\ninterrupted before training started: nothing was written"
+_INTERRUPTED_AT_ONCE = "\ninterrupted: stopped at once; every checkpoint is written atomically, so the last one written is intact"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns the exit status (1 for a bad file, folder or checkpoint, 130 after Ctrl-C).
 
@@ -76,19 +80,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t_start = time.perf_counter()
     try:
         check_launch_flags(args, None)
-        plan = prepare(args)
+        plan, refusal = _checked_plan(args, parser)
     except ConfigError as e:
         parser.error(str(e))
-    except CheckpointError as e:
-        print(f"error: {e} (refusing to start from scratch: pass a valid checkpoint, or drop --resume to start a new run)",
-              file=sys.stderr)
-        return 1
-    except (FolderError, BadImageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
-        print("\ninterrupted before training started: nothing was written", file=sys.stderr)
+        print(_INTERRUPTED_BEFORE, file=sys.stderr)
         return 130
+    if refusal is not None:
+        status, message = refusal
+        if status == 2:
+            parser.exit(2, message + "\n")  # argparse's way out for a bad flag: SystemExit(2)
+        print(message, file=sys.stderr)
+        return status
     if plan.done is not None:
         print(plan.done)
         return 0
@@ -96,9 +99,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _train(args, parser, plan, t_start)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the guarded loops
-        print("\ninterrupted: stopped at once; every checkpoint is written atomically, so the last one written is intact",
-              file=sys.stderr)
+        print(_INTERRUPTED_AT_ONCE, file=sys.stderr)
         return 130
+
+
+def _checked_plan(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                  dp: Optional[DataParallel] = None) -> tuple[Optional[Plan], Optional[tuple[int, str]]]:
+    """``(plan, None)`` when every check passes, else ``(None, (exit status, the one-line message))``: 2 for a bad
+    flag (with the --help hint), 1 for a bad checkpoint, folder or image file."""
+    try:
+        return prepare(args, dp), None
+    except ConfigError as e:
+        return None, (2, f"error: {e}\n({parser.prog} --help explains every flag)")
+    except CheckpointError as e:
+        return None, (1, f"error: {e} (refusing to start from scratch: pass a valid checkpoint, or drop --resume to start a new run)")
+    except (FolderError, BadImageError) as e:
+        return None, (1, f"error: {e}")
 
 
 def _main_ranks(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], launch: Launch) -> int:
@@ -128,26 +144,18 @@ def _main_ranks(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], 
         return 1
     except KeyboardInterrupt:
         if dp.is_writer:
-            print("\ninterrupted: stopped at once; every checkpoint is written atomically, so the last one written is intact",
-                  file=sys.stderr)
+            print(_INTERRUPTED_AT_ONCE, file=sys.stderr)
         return 130
     finally:
         dp.close()
 
 
 def _run_ranks(args: argparse.Namespace, parser: argparse.ArgumentParser, dp: DataParallel, t_start: float) -> int:
-    outcome: Optional[tuple[int, str]] = None
     try:
-        plan = prepare(args, dp)
-    except ConfigError as e:
-        outcome = (2, f"error: {e}\n({parser.prog} --help explains every flag)")
-    except CheckpointError as e:
-        outcome = (1, f"error: {e} (refusing to start from scratch: pass a valid checkpoint, or drop --resume to start a new run)")
-    except (FolderError, BadImageError) as e:
-        outcome = (1, f"error: {e}")
+        plan, outcome = _checked_plan(args, parser, dp)
     except KeyboardInterrupt:
         if dp.is_writer:
-            print("\ninterrupted before training started: nothing was written", file=sys.stderr)
+            print(_INTERRUPTED_BEFORE, file=sys.stderr)
         return 130
     outcomes = dp.gather(outcome, "agreeing on the checks")
     failed = [o for o in outcomes if o is not None]

@@ -34,6 +34,7 @@ __all__ = [
     "make_loss_fn",
     "make_grad_fn",
     "make_optimizer",
+    "ADAMW_BETAS",
     "draw_micro_batch",
     "train_step",
     "update_ema",
@@ -130,9 +131,13 @@ def make_grad_fn(loss_fn, *, compile: bool = False, backend: str = "inductor") -
     return grad_fn
 
 
+#: AdamW's betas, as denoising-diffusion-pytorch's trainer.
+ADAMW_BETAS = (0.9, 0.99)
+
+
 def make_optimizer(params: Params, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over pfunc's originals, betas (0.9, 0.99) as denoising-diffusion-pytorch's trainer."""
-    return torch.optim.AdamW(list(params.values()), lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
+    """AdamW over pfunc's originals, betas :data:`ADAMW_BETAS` as denoising-diffusion-pytorch's trainer."""
+    return torch.optim.AdamW(list(params.values()), lr=lr, betas=ADAMW_BETAS, weight_decay=weight_decay)
 
 
 def draw_micro_batch(
