@@ -17,6 +17,16 @@ listing each failure with its minimal input and discrepancy. See
 ``pfunc/testing/README.md`` and ``examples/property_test_your_own.py``.
 """
 
+try:
+    import hypothesis  # noqa: F401  (the kit is built on it; pfunc itself is not)
+except ModuleNotFoundError as e:
+    if e.name != "hypothesis":
+        raise
+    raise ModuleNotFoundError(
+        "pfunc.testing needs Hypothesis, which is not installed: pip install 'pfunc[testing]' (or: pip install hypothesis)",
+        name="hypothesis",
+    ) from None
+
 from . import constraints, strategies
 from .checks import check_parametrization, hypothesis_settings, parametrization_test
 from .profiles import register_profiles
