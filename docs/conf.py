@@ -16,6 +16,7 @@ version = release
 extensions = [
     "myst_parser",            # the guides are Markdown, like the README they grew from
     "sphinx.ext.autodoc",     # the API reference, from the docstrings
+    "sphinx.ext.napoleon",    # their "Args:", "Returns:", "Attributes:" sections (Google style)
     "sphinx.ext.viewcode",    # each documented object links to its source
 ]
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
@@ -25,7 +26,10 @@ root_doc = "index"
 myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3      # "[how a call runs](guides/calls-and-state.md#how-a-call-runs)" links resolve
 
-autodoc_default_options = {"members": True, "member-order": "bysource", "show-inheritance": False}
+autodoc_default_options = {"members": True, "member-order": "bysource"}
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_ivar = True
 autodoc_typehints = "signature"
 autodoc_typehints_format = "short"
 autodoc_preserve_defaults = True
