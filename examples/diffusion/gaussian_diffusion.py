@@ -23,6 +23,7 @@ True
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
@@ -147,8 +148,12 @@ def _host_tables(betas: Union[Tensor, Sequence[float]]) -> dict[str, tuple[float
 
 
 def _extract(a: Tensor, t: Tensor, ndim: int) -> Tensor:
-    """``a[t]`` shaped ``[B, 1, ..., 1]`` to broadcast against a ``ndim``-dimensional batch."""
-    return a[t].reshape(t.shape[0], *((1,) * (ndim - 1)))
+    """``a[t]`` shaped ``[B, 1, ..., 1]`` to broadcast against a ``ndim``-dimensional batch.
+
+    ``index_select`` rather than ``a[t]``: the same gather, and one that a fake mode follows on
+    torch's CPU-only wheel too (Python indexing of a fake CUDA tensor asks for CUDA's device guard).
+    """
+    return a.index_select(0, t).reshape(t.shape[0], *((1,) * (ndim - 1)))
 
 
 def _normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
@@ -463,8 +468,22 @@ def ddim_time_pairs(num_timesteps: int, sampling_timesteps: int) -> list[tuple[i
     """
     if not 1 <= sampling_timesteps <= num_timesteps:
         raise ValueError(f"ddim_time_pairs: sampling_timesteps must be in [1, {num_timesteps}], got {sampling_timesteps}")
-    times = torch.linspace(-1, num_timesteps - 1, steps=sampling_timesteps + 1).int().tolist()
+    times = _linspace_float32_int(-1.0, float(num_timesteps - 1), sampling_timesteps + 1)
     return list(zip(reversed(times[1:]), reversed(times[:-1])))
+
+
+def _float32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _linspace_float32_int(start: float, end: float, steps: int) -> list[int]:
+    """``torch.linspace(start, end, steps).int().tolist()`` (float32, CPU) on the host, without torch, so
+    that sampling reads no tensor: torch's kernel rounds ``step`` to float32 and computes
+    ``start + step * i`` for the first half and ``end - step * (steps - 1 - i)`` for the rest with one
+    rounding (a fused multiply-add); checked equal to torch in tests/examples/test_diffusion_ddim.py."""
+    step = _float32(_float32(end - start) / _float32(steps - 1)) if steps > 1 else 0.0
+    half = steps // 2
+    return [int(_float32(start + step * i)) if i < half else int(_float32(end - step * (steps - 1 - i))) for i in range(steps)]
 
 
 def ddim_coefficients(alpha: float, alpha_next: float, eta: float) -> tuple[float, float]:
