@@ -1,10 +1,11 @@
-"""The diffusion process on a simulated CUDA device (tests/fake_cuda.py): building it, the forward
-process, the training loss under bf16 autocast and both samplers keep every tensor on ``cuda``.
+"""The diffusion example on a simulated CUDA device (tests/fake_cuda.py).
 
-On torch's CPU-only wheel a fake mode can create CUDA tensors with factory functions and run ops
-on them, but not move tensors there (``.to("cuda")`` needs CUDA's device guard) nor record
-autograd on them: the denoiser here is a pure function of weights made on the device, as
-``examples/diffusion`` runs the Unet through pfunc (a function of its weights).
+In process: the diffusion process alone (building it, the forward process, the training loss
+under bf16 autocast, both samplers) with a denoiser made of CUDA factory tensors, and the two
+placement bugs a test-only copy with a ``device=`` reverted shows caught. In a process of its own
+(tests/fake_cuda_worker.py running tests/examples/fake_cuda_diffusion.py): the main job's GPU
+preset, its Unet through pfunc, one training step, EMA, DDIM and DDPM sampling, and what a
+checkpoint save and resume build.
 """
 
 import importlib.util
@@ -18,7 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
 
 import examples.diffusion.gaussian_diffusion as gd
 from examples.diffusion.gaussian_diffusion import GaussianDiffusion, beta_values
-from tests.fake_cuda import CUDA, assert_on, fake_cuda
+from tests.fake_cuda import CUDA, assert_on, fake_cuda, run_worker
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,3 +105,26 @@ def test_a_noise_draw_without_the_generators_device_is_caught(tmp_path):
     broken = _copy_with(tmp_path, "generator=generator, device=generator.device).to(device)", "generator=generator).to(device)")
     with pytest.raises(RuntimeError, match="Expected a 'cpu' device type for generator but found 'cuda'"):
         _run_process(broken)
+
+
+MAIN_JOB = ["diffusion:training_step", "diffusion:sampling", "diffusion:checkpoint"]
+
+
+@pytest.fixture(scope="module")
+def main_job_results(tmp_path_factory):
+    return run_worker(tmp_path_factory.mktemp("fake_cuda_diffusion"), MAIN_JOB)
+
+
+@pytest.mark.parametrize("name", MAIN_JOB)
+def test_the_gpu_presets_step_sampler_and_checkpoint_stay_on_cuda(main_job_results, name):
+    assert name in main_job_results, f"the worker stopped before {name}: {main_job_results}"
+    result = main_job_results[name]
+    assert result["ok"], result["error"]
+    assert result["checked"] >= 2
+
+
+@pytest.mark.cuda
+def test_the_main_job_dry_runs_compute_on_a_real_gpu(tmp_path):
+    results = run_worker(tmp_path, MAIN_JOB, real=True)
+    failed = {k: v["error"] for k, v in results.items() if not k.startswith("_") and not v["ok"]}
+    assert not failed, failed
