@@ -113,7 +113,11 @@ def interop() -> int:
 
 
 def main(out: str, names: list[str]) -> int:
-    how = install_cuda_device_guard()
+    try:
+        how = install_cuda_device_guard()
+    except (RuntimeError, OSError, ValueError, AttributeError) as e:  # an older torch: the tests skip, saying why
+        Path(out).write_text(json.dumps({"_unavailable": f"no CUDA device guard for a fake mode on torch {torch.__version__}: {e}"}))
+        return 0
     results: dict = {"_guard": how, "_gradients": GRADIENTS}
     runs = {f"builtin:{k}": (lambda k=k: builtin(k)) for k in BUILTINS}
     runs.update({"ensembles": ensembles, "interop": interop})
