@@ -48,7 +48,7 @@ def _from_torch_step(p: nn.Module) -> tuple[Step, tuple[str, ...], tuple[str, ..
         trivial = "base" in p._buffers
         if trivial and p._buffers["base"] is None:
             raise ValueError("from_torch: an orthogonal parametrization has no base yet (it was never initialised)")
-        orth = Orthogonal(p.orthogonal_map.name, use_trivialization=trivial)
+        orth = Orthogonal(p.orthogonal_map.name, use_trivialization=trivial, shape=p.shape)
         return as_step(orth), (), (("base",) if trivial else ())
     if isinstance(p, torch_parametrizations._WeightNorm):
         return as_step(WeightNorm(None if p.dim == -1 else p.dim)), (), ()
