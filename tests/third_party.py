@@ -6,6 +6,8 @@ modelling code writes them (registering ``torch.nn.utils.parametrizations.weight
 
 * :class:`Wav2Vec2PositionalConvEmbedding`: Wav2Vec2's (and HuBERT's) positional conv embedding: a
   grouped ``Conv1d`` with ``weight_norm(dim=2)``, "same" padding trimmed for an even kernel, GELU.
+* :class:`Wav2Vec2Encoder`: that embedding inside the encoder path, with ``masked_spec_embed``, a
+  parameter only a masked forward reaches.
 * :class:`EncodecConv1d`: EnCodec's conv: ``weight_norm`` on a ``Conv1d`` and integer ``stride``,
   ``kernel_size`` and ``padding_total`` buffers (non-persistent) whose arithmetic decides the padding.
 * :func:`structured_pruned_mlp`: an MLP prepared by ``torch.ao.pruning``'s ``SaliencyPruner``: a
@@ -40,6 +42,27 @@ class Wav2Vec2PositionalConvEmbedding(nn.Module):
         if self.num_pad_remove > 0:
             hidden_states = hidden_states[:, :, : -self.num_pad_remove]
         return F.gelu(hidden_states).transpose(1, 2)
+
+
+class Wav2Vec2Encoder(nn.Module):
+    """Wav2Vec2Model's path from features to hidden states: ``masked_spec_embed`` (a parameter the
+    forward reads only when ``mask_time_indices`` is given, as in ``_mask_hidden_states``), the
+    positional conv embedding added, layer norm, a projection. Without a mask ``masked_spec_embed``
+    is unreached: ``loss.backward()`` leaves its ``.grad`` ``None``."""
+
+    def __init__(self, hidden_size: int = 8):
+        super().__init__()
+        self.masked_spec_embed = nn.Parameter(torch.empty(hidden_size).uniform_())
+        self.pos_conv_embed = Wav2Vec2PositionalConvEmbedding(hidden_size)
+        self.layer_norm = nn.LayerNorm(hidden_size)
+        self.proj = nn.Linear(hidden_size, 4)
+
+    def forward(self, hidden_states: torch.Tensor, mask_time_indices: torch.Tensor | None = None) -> torch.Tensor:
+        if mask_time_indices is not None:
+            hidden_states = hidden_states.clone()
+            hidden_states[mask_time_indices] = self.masked_spec_embed.to(hidden_states.dtype)
+        hidden_states = hidden_states + self.pos_conv_embed(hidden_states)
+        return self.proj(self.layer_norm(hidden_states))
 
 
 class EncodecConv1d(nn.Module):
@@ -106,6 +129,7 @@ def old_weight_norm_checkpoint(module: nn.Module, name: str = "weight", dim: int
 
 __all__ = [
     "Wav2Vec2PositionalConvEmbedding",
+    "Wav2Vec2Encoder",
     "EncodecConv1d",
     "structured_pruned_mlp",
     "weight_norm_sparsified_mlp",
