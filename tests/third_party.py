@@ -87,7 +87,7 @@ class EncodecConv1d(nn.Module):
         extra_padding = self._get_extra_padding_for_conv1d(hidden_states)
         padding_right = self.padding_total // 2
         padding_left = self.padding_total - padding_right
-        hidden_states = F.pad(hidden_states, (int(padding_left), int(padding_right + extra_padding)))
+        hidden_states = F.pad(hidden_states, (padding_left, padding_right + extra_padding))  # tensors, as transformers passes them
         return self.conv(hidden_states)
 
 
