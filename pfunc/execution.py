@@ -64,6 +64,24 @@ def _copy_on_write(t: Tensor, transformed: bool) -> Tensor:
     return t.clone()
 
 
+def _hand_over(slots: tuple, values: Mapping[str, Tensor], private: frozenset, transformed: bool) -> None:
+    """Every ``values[key]`` into its slot as a :func:`_copy_on_write` copy (``private`` keys as they are).
+    The hot path of a call: one copy-on-write op per tensor, no per-tensor function call."""
+    copy = torch.Tensor.clone if transformed or _lazy_clone is None else _lazy_clone
+    try:
+        if private:
+            for d, leaf, key in slots:
+                t = values[key]
+                d[leaf] = t if key in private else copy(t)
+        else:
+            for d, leaf, key in slots:
+                d[leaf] = copy(values[key])
+    except (RuntimeError, NotImplementedError):  # a layout without copy-on-write storage: one by one
+        for d, leaf, key in slots:
+            t = values[key]
+            d[leaf] = t if key in private else _copy_on_write(t, transformed)
+
+
 def _unwritten(t: Tensor) -> bool:
     """Whether ``t``, a :func:`_copy_on_write` copy, was certainly never written: its storage is still
     shared copy-on-write. (In-place writes do not all bump ``Tensor._version``: BatchNorm's running
@@ -208,6 +226,7 @@ class ShadowPool:
         training: Optional[bool] = None,
         method: Method = "forward",
         capture: bool = True,
+        private: frozenset = frozenset(),
     ) -> tuple[Any, dict[str, Tensor]]:
         """``(output, changed)``: ``method`` of a shadow holding ``values``, run on ``args``/``kwargs``.
 
@@ -217,7 +236,8 @@ class ShadowPool:
         training mode (in eval no state changes). Under ``torch.compile`` or a ``torch.func``
         transform, where writes cannot be told apart, it holds every buffer.
         ``values`` must hold every canonical tensor name; nothing in it is written, whatever the
-        module's code does to the tensors it is handed (each goes in as a copy-on-write clone).
+        module's code does to the tensors it is handed (each goes in as a copy-on-write clone), except
+        the parameters named in ``private``: tensors the caller made for this call alone, handed as they are.
         """
         compiling = torch.compiler.is_compiling()
         shadow = self._traced if compiling else self._acquire()
@@ -229,11 +249,10 @@ class ShadowPool:
                 for d, leaf, key in shadow.param_slots:
                     t = copies.get(key)
                     if t is None:
-                        t = copies[key] = _copy_on_write(values[key], transformed)
+                        t = copies[key] = values[key] if key in private else _copy_on_write(values[key], transformed)
                     d[leaf] = t
             else:
-                for d, leaf, key in shadow.param_slots:
-                    d[leaf] = _copy_on_write(values[key], transformed)
+                _hand_over(shadow.param_slots, values, private, transformed)
             given: dict[str, Tensor] = {}
             for d, leaf, key in shadow.buffer_slots:
                 t = given.get(key)

@@ -101,6 +101,9 @@ class Parametrized:
         # a plain dict, private: torch.compile on torch 2.6 breaks the graph on a mappingproxy's items()
         self._shapes = {k: s for k, s in known.items() if k in self.param_keys and k not in unsafe}
         self._non_persistent = frozenset(self._non_persistent_keys())
+        # parametrized values made fresh on every call by pfunc's own parametrizations (none of them
+        # returns its input or a view of it): the call hands them to the module without a copy
+        self._private_values = frozenset(plan.name for plan in self._plans if all(_makes_fresh(s) for s in plan.chain.steps))
 
     def _plan(self, name: str, chain: Chain) -> _Plan:
         pnames, snames = self._layout[name]
@@ -287,7 +290,7 @@ class Parametrized:
         """
         method = self._method(method)
         values, new_state = self.materialize(params, state, training=training)
-        out, changed = self._pool.run(values, args, kwargs, training=training, method=method)
+        out, changed = self._pool.run(values, args, kwargs, training=training, method=method, private=self._private_values)
         if changed:
             updated = {k: t for k, t in changed.items() if k in self.state_keys}
             if updated:  # a parametrized buffer's updates are dropped, as torch drops them
@@ -374,6 +377,12 @@ class Parametrized:
         ``ValueError`` when the chain has several originals.
         """
         return reg.remove_chain(self, params, state, name, leave_parametrized)
+
+
+def _makes_fresh(step: Step) -> bool:
+    """Whether ``step`` is one of pfunc's built-in parametrizations, whose output is always a new
+    tensor (never its input, a view of it, or anything the caller holds)."""
+    return type(step.fn).__module__.startswith("pfunc.parametrizations.")
 
 
 def _rebuild(module: nn.Module, chains: Mapping[str, Chain], layout: Layout, shapes: Mapping[str, torch.Size]) -> Parametrized:

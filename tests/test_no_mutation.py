@@ -225,3 +225,30 @@ def test_a_forward_writing_its_weight_in_place_leaves_the_callers_params_bitwise
     stacked_before = _bitwise_copy(stacked)
     torch.func.vmap(lambda p: net(p, state, x)[0])(stacked)
     _assert_bitwise_unchanged(stacked, stacked_before)
+
+
+def test_a_users_parametrization_returning_its_input_does_not_let_the_forward_write_the_original():
+    torch.manual_seed(0)
+    net = pf.parametrize(_ClampsItsWeight(4, 3), {"weight": lambda X: X})  # the original itself, as the value
+    params, state = net.init()
+    before = _bitwise_copy(params)
+    net(params, state, torch.randn(2, 4))
+    _assert_bitwise_unchanged(params, before)
+
+
+@pytest.mark.parametrize("name", ["Symmetric", "Skew", "Cayley", "MatrixExp", "SPD", "Orthogonal", "SpectralNorm",
+                                  "WeightNorm", "WeightStandardization", "Positive", "Bounded", "Mask", "LowRankAdapter"])
+def test_every_builtin_parametrization_returns_new_storage_so_calls_hand_it_over_without_a_copy(name):
+    # pfunc.Parametrized hands chains of built-ins to the module uncopied: that is only safe if none
+    # of them returns its input or a view of it
+    import pfunc.parametrizations as builtins
+
+    kwargs = {"LowRankAdapter": {"rank": 2}, "Bounded": {"low": -1.0, "high": 1.0}}.get(name, {})
+    net = pf.parametrize(nn.Linear(4, 4), {"weight": getattr(builtins, name)(**kwargs)})
+    assert "weight" in net._private_values
+    params, state = net.init(generator=torch.Generator().manual_seed(0))
+    values, _ = net.materialize(params, state, training=True)
+    produced = values["weight"].untyped_storage().data_ptr()
+    for k, t in {**params, **state}.items():
+        assert t.untyped_storage().data_ptr() != produced, f"{name}'s value shares storage with '{k}'"
+    assert "weight" not in pf.parametrize(nn.Linear(4, 4), {"weight": [Symmetric(), lambda X: X]})._private_values
