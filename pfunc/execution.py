@@ -42,7 +42,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ShadowPool", "Method"]
+__all__ = ["ShadowPool", "Method", "private_copies"]
 
 Method = Union[str, Callable[..., Any]]
 """What a call runs: ``"forward"`` (through ``__call__``, so hooks run), another method's name, or
@@ -62,6 +62,13 @@ def _copy_on_write(t: Tensor, transformed: bool) -> Tensor:
         except (RuntimeError, NotImplementedError):  # layouts without copy-on-write storage
             pass
     return t.clone()
+
+
+def private_copies(tensors: list[Tensor]) -> list[Tensor]:
+    """Copy-on-write copies of ``tensors`` (plain clones under ``torch.func`` transforms and
+    ``torch.compile``): for code that might write what it is handed, such as a user's parametrization."""
+    transformed = torch.compiler.is_compiling() or _functorch.maybe_current_level() is not None
+    return [_copy_on_write(t, transformed) for t in tensors]
 
 
 def _hand_over(slots: tuple, values: Mapping[str, Tensor], private: frozenset, transformed: bool) -> None:

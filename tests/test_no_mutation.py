@@ -251,4 +251,27 @@ def test_every_builtin_parametrization_returns_new_storage_so_calls_hand_it_over
     produced = values["weight"].untyped_storage().data_ptr()
     for k, t in {**params, **state}.items():
         assert t.untyped_storage().data_ptr() != produced, f"{name}'s value shares storage with '{k}'"
-    assert "weight" not in pf.parametrize(nn.Linear(4, 4), {"weight": [Symmetric(), lambda X: X]})._private_values
+
+
+class _ClampsItsInput(nn.Module):
+    """A torch-style parametrization that writes the tensor it is handed (an in-place projection)."""
+
+    def forward(self, X):
+        with torch.no_grad():
+            X.clamp_(-0.1, 0.1)
+        return X
+
+
+@pytest.mark.parametrize("parametrization", [_ClampsItsInput(), lambda X: X.data.mul_(0) + X], ids=["module", "plain"])
+def test_a_users_parametrization_writing_its_input_does_not_write_the_callers_original(parametrization):
+    torch.manual_seed(0)
+    net = pf.parametrize(nn.Linear(4, 3), {"weight": parametrization}, unsafe=True)
+    params, state = net.init()
+    before = _bitwise_copy(params)
+    x = torch.randn(2, 4)
+    out, _ = net(params, state, x)
+    _assert_bitwise_unchanged(params, before)
+    net.materialize(params, state)
+    _assert_bitwise_unchanged(params, before)
+    pf.grad(lambda p: net(p, state, x)[0].sum())(params)
+    _assert_bitwise_unchanged(params, before)
