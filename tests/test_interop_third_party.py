@@ -11,7 +11,6 @@ import pickle
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations as P
 
 import pfunc as pf
 
