@@ -28,6 +28,7 @@ SECTION_TITLES = {
     "unet": "6. Diffusion Unet training step",
     "call_overhead": "7. The cost of a call: a deep model of tiny layers",
     "distributed": "8. Data parallel: the main job's step on 1 and 2 processes (torchrun, gloo)",
+    "adapters": "9. Adapters: one training step of N LoRA adapters on one frozen base",
 }
 
 

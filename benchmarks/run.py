@@ -21,7 +21,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from . import caching, call_overhead, compiled, distributed, ensembles, layers, power_iteration, unet
+from . import adapters, caching, call_overhead, compiled, distributed, ensembles, layers, power_iteration, unet
 from .comparison import Comparison, Row
 from .machine import describe
 from .report import assemble, device_section, fmt_seconds
@@ -39,6 +39,7 @@ FAMILY_MODULES = {
     "unet": unet,
     "call_overhead": call_overhead,
     "distributed": distributed,
+    "adapters": adapters,
 }
 
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device-name fragment, most specific first

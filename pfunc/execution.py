@@ -14,9 +14,12 @@ tensor; the module itself is never written, not even during a call. A shadow is 
 attributes when the pool was built; only the tensors and (with ``training=None``) the modes are
 read afresh on every call.
 
-Buffers go in as copy-on-write clones: a forward that updates a buffer in place (BatchNorm's
-running statistics) or assigns a new one (``self.ema = ...``) changes the shadow's copy only,
-and :meth:`ShadowPool.run` returns exactly the buffers that changed. Parameters go in as given.
+Every tensor goes in as a copy-on-write clone (``torch._lazy_clone``: no copy is made unless it is
+written; a plain clone under ``torch.func`` transforms and ``torch.compile``, where copy-on-write is not
+available): a forward that updates a buffer in place (BatchNorm's running statistics) or assigns a new
+one (``self.ema = ...``) changes the shadow's copy only, and :meth:`ShadowPool.run` returns exactly the
+buffers that changed; a forward or hook that writes a parameter (torch.ao's structured pruner zeroes
+pruned bias entries through ``module._bias.data``) writes the shadow's copy, never the caller's tensor.
 
 >>> import torch
 >>> from torch import nn
@@ -39,7 +42,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ShadowPool", "Method"]
+__all__ = ["ShadowPool", "Method", "private_copies"]
 
 Method = Union[str, Callable[..., Any]]
 """What a call runs: ``"forward"`` (through ``__call__``, so hooks run), another method's name, or
@@ -59,6 +62,31 @@ def _copy_on_write(t: Tensor, transformed: bool) -> Tensor:
         except (RuntimeError, NotImplementedError):  # layouts without copy-on-write storage
             pass
     return t.clone()
+
+
+def private_copies(tensors: list[Tensor]) -> list[Tensor]:
+    """Copy-on-write copies of ``tensors`` (plain clones under ``torch.func`` transforms and
+    ``torch.compile``): for code that might write what it is handed, such as a user's parametrization."""
+    transformed = torch.compiler.is_compiling() or _functorch.maybe_current_level() is not None
+    return [_copy_on_write(t, transformed) for t in tensors]
+
+
+def _hand_over(slots: tuple, values: Mapping[str, Tensor], private: frozenset, transformed: bool) -> None:
+    """Every ``values[key]`` into its slot as a :func:`_copy_on_write` copy (``private`` keys as they are).
+    The hot path of a call: one copy-on-write op per tensor, no per-tensor function call."""
+    copy = torch.Tensor.clone if transformed or _lazy_clone is None else _lazy_clone
+    try:
+        if private:
+            for d, leaf, key in slots:
+                t = values[key]
+                d[leaf] = t if key in private else copy(t)
+        else:
+            for d, leaf, key in slots:
+                d[leaf] = copy(values[key])
+    except (RuntimeError, NotImplementedError):  # a layout without copy-on-write storage: one by one
+        for d, leaf, key in slots:
+            t = values[key]
+            d[leaf] = t if key in private else _copy_on_write(t, transformed)
 
 
 def _unwritten(t: Tensor) -> bool:
@@ -182,6 +210,7 @@ class ShadowPool:
         self._params = _tensor_names(module, "named_parameters", aliases)
         self._buffers = _tensor_names(module, "named_buffers", aliases)
         self.param_keys = frozenset(key for *_, key in self._params)
+        self._tied_params = len(self.param_keys) < len(self._params)
         self.buffer_keys = frozenset(key for *_, key in self._buffers)
         self._free: list[_Shadow] = []  # idle shadows; a call takes one (list.pop is atomic), so concurrent calls never share
         self._traced = _Shadow(module, self._params, self._buffers)  # the one torch.compile traces
@@ -204,6 +233,7 @@ class ShadowPool:
         training: Optional[bool] = None,
         method: Method = "forward",
         capture: bool = True,
+        private: frozenset = frozenset(),
     ) -> tuple[Any, dict[str, Tensor]]:
         """``(output, changed)``: ``method`` of a shadow holding ``values``, run on ``args``/``kwargs``.
 
@@ -212,16 +242,25 @@ class ShadowPool:
         reassigned, by canonical name; it is empty unless ``capture`` and some submodule is in
         training mode (in eval no state changes). Under ``torch.compile`` or a ``torch.func``
         transform, where writes cannot be told apart, it holds every buffer.
-        ``values`` must hold every canonical tensor name; nothing in it is written.
+        ``values`` must hold every canonical tensor name; nothing in it is written, whatever the
+        module's code does to the tensors it is handed (each goes in as a copy-on-write clone), except
+        the parameters named in ``private``: tensors the caller made for this call alone, handed as they are.
         """
         compiling = torch.compiler.is_compiling()
         shadow = self._traced if compiling else self._acquire()
         try:
             capture = shadow.set_mode(training) and capture  # in eval no state changes, ever
-            for d, leaf, key in shadow.param_slots:
-                d[leaf] = values[key]
+            transformed = compiling or _functorch.maybe_current_level() is not None
+            if self._tied_params:  # one copy per tensor, so tied parameters stay one tensor
+                copies: dict[str, Tensor] = {}
+                for d, leaf, key in shadow.param_slots:
+                    t = copies.get(key)
+                    if t is None:
+                        t = copies[key] = values[key] if key in private else _copy_on_write(values[key], transformed)
+                    d[leaf] = t
+            else:
+                _hand_over(shadow.param_slots, values, private, transformed)
             given: dict[str, Tensor] = {}
-            transformed = bool(shadow.buffer_slots) and (compiling or _functorch.maybe_current_level() is not None)
             for d, leaf, key in shadow.buffer_slots:
                 t = given.get(key)
                 if t is None:

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.utils._pytree as pytree
@@ -273,20 +273,22 @@ class _Leaves:
 _run_backward = getattr(torch.autograd.graph, "_engine_run_backward", None)
 
 
-def _differentiate(output: Tensor, leaves: list[Tensor]) -> list[Tensor]:
+def _differentiate(output: Tensor, leaves: list[Tensor], materialize_grads: bool = True) -> list[Optional[Tensor]]:
     """``d output / d leaf`` for every leaf by one backward of autograd's engine (no
-    ``create_graph``; the graph is freed as the backward goes); zeros for leaves ``output``
-    does not depend on. Exactly ``torch.autograd.grad(output, leaves, allow_unused=True)``."""
+    ``create_graph``; the graph is freed as the backward goes); for leaves ``output`` does not
+    reach, zeros (``materialize_grads``) or ``None``. Exactly ``torch.autograd.grad(output, leaves,
+    allow_unused=True, materialize_grads=materialize_grads)``."""
     if not (leaves and output.requires_grad):
-        return [torch.zeros_like(t) for t in leaves]
+        return [torch.zeros_like(t) for t in leaves] if materialize_grads else [None] * len(leaves)
     if _run_backward is not None and not output.is_complex() and not torch.overrides.has_torch_function((output, *leaves)):
         seed = torch.ones_like(output, memory_format=torch.preserve_format)
         grads = list(_run_backward((output,), (seed,), False, False, tuple(leaves), True, False))
     else:  # complex outputs (autograd.grad's error), tensor subclasses and modes: the public call
         grads = list(torch.autograd.grad(output, leaves, allow_unused=True))
-    for i, g in enumerate(grads):
-        if g is None:
-            grads[i] = torch.zeros_like(leaves[i])
+    if materialize_grads:
+        for i, g in enumerate(grads):
+            if g is None:
+                grads[i] = torch.zeros_like(leaves[i])
     return grads
 
 
@@ -298,7 +300,9 @@ def _assemble(api: str, argnums: Argnums, has_aux: bool, leaves: _Leaves, grads:
     return grad_input, leaves.release(value)
 
 
-def _autograd_route(api: str, func: Callable[..., Any], argnums: Argnums, has_aux: bool, args: tuple, kwargs: dict) -> Any:
+def _autograd_route(
+    api: str, func: Callable[..., Any], argnums: Argnums, has_aux: bool, args: tuple, kwargs: dict, materialize_grads: bool = True
+) -> Any:
     """Fresh leaves, ``f`` under ``enable_grad``, one ``torch.autograd.grad`` without ``create_graph``."""
     positions = _positions(api, argnums, len(args))
     with torch.enable_grad():
@@ -308,7 +312,7 @@ def _autograd_route(api: str, func: Callable[..., Any], argnums: Argnums, has_au
             output, aux = _check_output(api, has_aux, func(*leaves.args, **kwargs))
         finally:
             _NESTING.depth -= 1
-        grads = _differentiate(output, leaves.fresh)
+        grads = _differentiate(output, leaves.fresh, materialize_grads)
     return _assemble(api, argnums, has_aux, leaves, grads, output, aux)
 
 
@@ -330,13 +334,22 @@ def _func_route(api: str, func: Callable[..., Any], argnums: Argnums, has_aux: b
     return inner(*args, **kwargs)
 
 
-def _route(api: str, func: Callable[..., Any], argnums: Argnums, has_aux: bool, args: tuple, kwargs: dict) -> Any:
+def _route(
+    api: str, func: Callable[..., Any], argnums: Argnums, has_aux: bool, args: tuple, kwargs: dict, materialize_grads: bool = True
+) -> Any:
     if not torch.compiler.is_compiling() and _current_level() is None and _NESTING.depth == 0 and not torch.is_inference_mode_enabled():
-        return _autograd_route(api, func, argnums, has_aux, args, kwargs)
+        return _autograd_route(api, func, argnums, has_aux, args, kwargs, materialize_grads)
     return _func_route(api, func, argnums, has_aux, args, kwargs)
 
 
-def grad_and_value(func: Callable[..., Any], argnums: Argnums = 0, has_aux: bool = False) -> Callable[..., Any]:
+def _check_materialize_grads(api: str, materialize_grads: Any) -> None:
+    if materialize_grads is not True and materialize_grads is not False:
+        raise TypeError(f"{api}: materialize_grads must be True or False, got {materialize_grads!r}")
+
+
+def grad_and_value(
+    func: Callable[..., Any], argnums: Argnums = 0, has_aux: bool = False, *, materialize_grads: bool = True
+) -> Callable[..., Any]:
     """``(gradients, value)`` of scalar ``func`` with respect to the inputs ``argnums``, as
     :func:`torch.func.grad_and_value`, computed by ``torch.autograd.grad`` at the top level.
 
@@ -346,7 +359,15 @@ def grad_and_value(func: Callable[..., Any], argnums: Argnums = 0, has_aux: bool
     with ``torch.utils._pytree``) of floating-point or complex tensors, and its gradient has
     the same structure and shapes. Returns ``(grads, value)``, or ``(grads, (value, aux))``
     with ``has_aux``; ``grads`` is one tree for an int ``argnums`` and a tuple of trees for a
-    tuple. Gradients of inputs ``func`` does not use are zeros. Works under ``no_grad``.
+    tuple. Works under ``no_grad``.
+
+    Inputs the value does not reach get zeros, as from ``torch.func.grad``; with
+    ``materialize_grads=False`` (``torch.autograd.grad``'s word) they get ``None``, as ``.grad`` is
+    left by ``loss.backward()``, so a loop that assigns these gradients to ``.grad`` steps exactly
+    the tensors torch's optimizers would (they skip a ``None`` gradient: no weight decay, no moment
+    update). ``None`` needs autograd to say what is unreached, so it is given at the top level,
+    eagerly; inside ``vmap``/``grad``/other transforms and under ``torch.compile``, where the
+    gradient is ``torch.func``'s, unreached inputs get zeros either way.
 
     >>> import torch, pfunc as pf
     >>> def loss(p, state, x):
@@ -359,20 +380,24 @@ def grad_and_value(func: Callable[..., Any], argnums: Argnums = 0, has_aux: bool
     """
     api = "pf.grad_and_value(f)(*args)"
     _check_argnums(api, argnums)
+    _check_materialize_grads(api, materialize_grads)
 
     @functools.wraps(func, updated=())
     def grad_and_value_f(*args: Any, **kwargs: Any) -> Any:
-        return _route(api, func, argnums, has_aux, args, kwargs)
+        return _route(api, func, argnums, has_aux, args, kwargs, materialize_grads)
 
     return grad_and_value_f
 
 
-def grad(func: Callable[..., Any], argnums: Argnums = 0, has_aux: bool = False) -> Callable[..., Any]:
+def grad(
+    func: Callable[..., Any], argnums: Argnums = 0, has_aux: bool = False, *, materialize_grads: bool = True
+) -> Callable[..., Any]:
     """Gradients of scalar ``func`` with respect to the inputs ``argnums``, as
     :func:`torch.func.grad`: ``grads``, or ``(grads, aux)`` with ``has_aux``.
 
-    See :func:`grad_and_value` for the arguments and the structure of ``grads``; this
-    drops the value. Nests and composes like ``torch.func.grad``:
+    See :func:`grad_and_value` for the arguments, the structure of ``grads`` and
+    ``materialize_grads=False`` (``None`` for what the loss does not reach, as ``loss.backward()``
+    leaves ``.grad``); this drops the value. Nests and composes like ``torch.func.grad``:
 
     >>> import torch, pfunc as pf
     >>> x = torch.tensor(0.5)
@@ -384,10 +409,11 @@ def grad(func: Callable[..., Any], argnums: Argnums = 0, has_aux: bool = False) 
     """
     api = "pf.grad(f)(*args)"
     _check_argnums(api, argnums)
+    _check_materialize_grads(api, materialize_grads)
 
     @functools.wraps(func, updated=())
     def grad_f(*args: Any, **kwargs: Any) -> Any:
-        grads, rest = _route(api, func, argnums, has_aux, args, kwargs)
+        grads, rest = _route(api, func, argnums, has_aux, args, kwargs, materialize_grads)
         return (grads, rest[1]) if has_aux else grads
 
     return grad_f

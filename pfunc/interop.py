@@ -48,7 +48,7 @@ def _from_torch_step(p: nn.Module) -> tuple[Step, tuple[str, ...], tuple[str, ..
         trivial = "base" in p._buffers
         if trivial and p._buffers["base"] is None:
             raise ValueError("from_torch: an orthogonal parametrization has no base yet (it was never initialised)")
-        orth = Orthogonal(p.orthogonal_map.name, use_trivialization=trivial)
+        orth = Orthogonal(p.orthogonal_map.name, use_trivialization=trivial, shape=p.shape)
         return as_step(orth), (), (("base",) if trivial else ())
     if isinstance(p, torch_parametrizations._WeightNorm):
         return as_step(WeightNorm(None if p.dim == -1 else p.dim)), (), ()
@@ -65,7 +65,8 @@ def _unparametrized_copy(module: nn.Module) -> nn.Module:
     value (computed in eval mode) and every class restored; ``module`` is not touched.
 
     (torch's ``remove_parametrizations`` would edit the injected class, which a deep
-    copy shares with the original, so the copy is rebuilt by hand.)
+    copy shares with the original, so the copy is rebuilt by hand.) The state-dict hooks torch's
+    parametrizations left on its modules are dropped with them.
     """
     plain = copy.deepcopy(module)
     found = list(_parametrized_tensors(plain))
@@ -83,7 +84,30 @@ def _unparametrized_copy(module: nn.Module) -> nn.Module:
             owner.register_parameter(leaf, nn.Parameter(value.detach().clone(), requires_grad=requires_grad))
         else:
             owner.register_buffer(leaf, value.detach().clone())
+    for m in plain.modules():  # the copy has no parametrization left for their hooks to serve
+        _drop_parametrization_hooks(m)
     return plain
+
+
+def _is_parametrization_hook(hook: Any) -> bool:
+    """Whether ``hook`` belongs to torch's parametrization machinery (``torch.nn.utils.parametrizations``
+    or ``parametrize``): e.g. ``weight_norm``'s local ``_weight_norm_compat_hook``, which renames old
+    ``weight_g``/``weight_v`` checkpoint keys for the parametrization it was registered with."""
+    fn = getattr(hook, "hook", hook)  # load-state-dict pre-hooks come wrapped in torch's _WrappedHook
+    fn = getattr(fn, "__func__", fn)
+    return getattr(fn, "__module__", None) in (torch_parametrizations.__name__, torch_parametrize.__name__)
+
+
+def _drop_parametrization_hooks(owner: nn.Module) -> None:
+    """Remove from ``owner`` (a plain copy) the state-dict hooks torch's parametrizations registered on it.
+
+    They serve the parametrization the copy no longer has, and ``weight_norm``'s is a local function,
+    which does not pickle; :func:`split_state_dict` does its key conversion instead."""
+    for hooks_name in ("_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_state_dict_hooks", "_state_dict_pre_hooks"):
+        hooks = getattr(owner, hooks_name, None)
+        if hooks:
+            for key in [k for k, h in hooks.items() if _is_parametrization_hook(h)]:
+                del hooks[key]
 
 
 def from_torch(module: nn.Module) -> tuple[Parametrized, dict[str, Tensor], dict[str, Tensor]]:
@@ -190,9 +214,16 @@ def to_torch(net: Parametrized, params: Mapping[str, Tensor], state: Mapping[str
                 local = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
                 _register_torch(owner, leaf, step, local, unsafe)
             owner.train(was_training)
-    expected = twin.state_dict().keys()
-    merged = {k: v.detach() for k, v in {**params, **state}.items() if k in expected}
-    twin.load_state_dict(merged, strict=True)
+    # Everything load_state_dict loads, rather than what state_dict() reports: a module may keep a
+    # persistent buffer out of its state_dict (torch.ao.pruning's FakeSparsity does its mask) and
+    # still expect it in a strict load.
+    loadable = {k: v.detach() for k, v in {**params, **state}.items() if k not in net._non_persistent}
+    twin.load_state_dict(loadable, strict=True)
+    with torch.no_grad():  # non-persistent buffers: load_state_dict skips them, so set them here
+        for k in net._non_persistent:
+            owner_name, _, leaf = k.rpartition(".")
+            owner = twin.get_submodule(owner_name) if owner_name else twin
+            owner._buffers[leaf] = state[k].detach().clone()
     for k, p in twin.named_parameters():
         p.requires_grad_(params[k].requires_grad)
     return twin
@@ -201,9 +232,13 @@ def to_torch(net: Parametrized, params: Mapping[str, Tensor], state: Mapping[str
 def split_state_dict(net: Parametrized, state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """``(params, state)``, copied, from a ``state_dict`` of the torch twin (e.g. a checkpoint).
 
-    Non-persistent buffers missing from ``state_dict`` are taken from ``net.module``.
-    Raises ``KeyError`` naming missing or unexpected keys.
+    Non-persistent buffers missing from ``state_dict`` are taken from ``net.module``. A checkpoint
+    written with the deprecated ``torch.nn.utils.weight_norm`` is read as torch's
+    ``parametrizations.weight_norm`` reads it: ``<owner>.<name>_g`` and ``<owner>.<name>_v`` become
+    ``<owner>.parametrizations.<name>.original0``/``original1`` of a chain that starts with
+    :class:`~pfunc.parametrizations.WeightNorm`. Raises ``KeyError`` naming missing or unexpected keys.
     """
+    state_dict = _renamed_weight_norm_keys(net, state_dict)
     # copies: a state_dict aliases the live buffers of the module it came from
     params = {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in state_dict.items() if k in net.param_keys}
     state = {k: v.detach().clone() for k, v in state_dict.items() if k in net.state_keys}
@@ -215,3 +250,18 @@ def split_state_dict(net: Parametrized, state_dict: Mapping[str, Tensor]) -> tup
             state[k] = b.detach().clone()
     net.check_keys(params, state)
     return params, state
+
+
+def _renamed_weight_norm_keys(net: Parametrized, state_dict: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """``state_dict`` with old ``weight_norm`` keys (``weight_g``, ``weight_v``) renamed to the
+    originals of the chain they feed, as torch's ``_weight_norm_compat_hook`` does at load."""
+    renames = {}
+    for name, chain in net.chains.items():
+        if chain.n_originals == 2 and isinstance(chain.steps[0].fn, WeightNorm):
+            g_key, v_key = f"{name}_g", f"{name}_v"
+            if g_key in state_dict and v_key in state_dict:
+                renames[g_key] = f"{chain_prefix(name)}.original0"
+                renames[v_key] = f"{chain_prefix(name)}.original1"
+    if not renames:
+        return state_dict
+    return {renames.get(k, k): v for k, v in state_dict.items()}

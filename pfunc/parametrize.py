@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from . import registration as reg
 from .chain import Chain, Step
-from .execution import Method, ShadowPool
+from .execution import Method, ShadowPool, private_copies
 from .tree import original_key, pick, pick_steps, step_key
 from .validation import check_keys, check_mapping, check_tensors, check_training
 
@@ -55,6 +55,7 @@ class _Plan:
     step_param_keys: tuple[tuple[tuple[str, str], ...], ...]  # per step: (local, full key)
     step_state_keys: tuple[tuple[tuple[str, str], ...], ...]
     stateful: bool
+    builtin: bool  # every step is one of pfunc's built-ins (pure: never writes or returns its inputs)
 
 
 class Parametrized:
@@ -101,6 +102,10 @@ class Parametrized:
         # a plain dict, private: torch.compile on torch 2.6 breaks the graph on a mappingproxy's items()
         self._shapes = {k: s for k, s in known.items() if k in self.param_keys and k not in unsafe}
         self._non_persistent = frozenset(self._non_persistent_keys())
+        # parametrized values are private to each call: pfunc's built-ins make new tensors, and any
+        # other chain runs on copy-on-write copies of the caller's tensors (materialize); so the call
+        # hands them to the module without another copy
+        self._private_values = frozenset(self.chains)
 
     def _plan(self, name: str, chain: Chain) -> _Plan:
         pnames, snames = self._layout[name]
@@ -111,6 +116,7 @@ class Parametrized:
             step_param_keys=tuple(tuple((l, step_key(name, i, l)) for l in ls) for i, ls in enumerate(pnames)),
             step_state_keys=tuple(tuple((l, step_key(name, i, l)) for l in ls) for i, ls in enumerate(snames)),
             stateful=any(snames),
+            builtin=all(_makes_fresh(s) for s in chain.steps),
         )
 
     def _non_persistent_keys(self) -> set[str]:
@@ -237,6 +243,9 @@ class Parametrized:
             originals = pick(state if plan.chain.is_buffer else params, plan.original_keys)
             sp = pick_steps(params, plan.step_param_keys)
             ss = pick_steps(state, plan.step_state_keys)
+            if not plan.builtin:  # a user's parametrization may write what it is handed: never the caller's
+                originals = private_copies(originals)
+                ss = [dict(zip(s, private_copies(list(s.values())))) for s in ss]
             y, ss_new = plan.chain.forward(originals, sp, ss, training)
             values[plan.name] = y
             if plan.stateful and training:
@@ -287,7 +296,7 @@ class Parametrized:
         """
         method = self._method(method)
         values, new_state = self.materialize(params, state, training=training)
-        out, changed = self._pool.run(values, args, kwargs, training=training, method=method)
+        out, changed = self._pool.run(values, args, kwargs, training=training, method=method, private=self._private_values)
         if changed:
             updated = {k: t for k, t in changed.items() if k in self.state_keys}
             if updated:  # a parametrized buffer's updates are dropped, as torch drops them
@@ -374,6 +383,12 @@ class Parametrized:
         ``ValueError`` when the chain has several originals.
         """
         return reg.remove_chain(self, params, state, name, leave_parametrized)
+
+
+def _makes_fresh(step: Step) -> bool:
+    """Whether ``step`` is one of pfunc's built-in parametrizations: pure, its output always a new
+    tensor (never its input, a view of it, or anything the caller holds), its inputs never written."""
+    return type(step.fn).__module__.startswith("pfunc.parametrizations.")
 
 
 def _rebuild(module: nn.Module, chains: Mapping[str, Chain], layout: Layout, shapes: Mapping[str, torch.Size]) -> Parametrized:

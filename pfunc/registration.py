@@ -2,14 +2,16 @@
 
 torch checks a parametrization when it is registered (the dtype and shape it gives, what its
 ``right_inverse`` returns) and when a value is assigned through it. These are those operations
-and checks, with torch's messages, each naming the tensor, as pure functions of a net and its
-``(params, state)``; :class:`pfunc.Parametrized`'s ``register``, ``assign``, ``remove`` and
-``init`` are them.
+and checks, as pure functions of a net and its ``(params, state)``; :class:`pfunc.Parametrized`'s
+``register``, ``assign``, ``remove`` and ``init`` are them. Where pfunc raises for the reason torch
+raises, torch's message is kept whole (users and tests match on it) and the tensor's name is added
+after it (:func:`_naming`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+import contextlib
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,12 +28,38 @@ __all__ = [
     "check_like",
     "originals_from",
     "check_output",
+    "check_chained_output",
     "check_right_inverse_output",
     "check_assigned_originals",
     "assign_values",
     "register_step",
     "remove_chain",
 ]
+
+
+def _naming(torch_message: str, name: str) -> str:
+    """torch's ``torch_message`` unchanged, then the tensor it is about."""
+    return f"{torch_message}\ntensor: '{name}'"
+
+
+@contextlib.contextmanager
+def failures_named(name: str, index: int, step: Step, what: str) -> Iterator[None]:
+    """Within the block, an exception raised by step ``index`` of tensor ``name``'s chain is raised
+    again with the tensor and the step named before its message (same type, the original chained);
+    ``NotImplementedError`` passes as it is (a ``right_inverse`` saying it has no inverse)."""
+    try:
+        yield
+    except NotImplementedError:
+        raise
+    except Exception as e:
+        prefix = f"'{name}': parametrization {index} ({step.name}) failed in {what}: "
+        try:
+            named = type(e)(prefix + str(e))
+        except Exception:  # an exception type that is not built from a message: annotate it instead
+            if hasattr(e, "add_note"):
+                e.add_note(prefix.rstrip(": "))
+            raise e
+        raise named from e
 
 
 def fresh(t: Tensor, requires_grad: bool) -> Tensor:
@@ -76,27 +104,26 @@ def originals_from(new: Any, original: Tensor, name: str) -> tuple[tuple[Tensor,
     ``None``: stored as ``original``) or a sequence (``original0``...); torch's checks."""
     if isinstance(new, Tensor):
         if new.dtype != original.dtype:
-            raise ValueError(
+            raise ValueError(_naming(
                 f"When `right_inverse` outputs one tensor, it may not change the dtype.\n"
-                f"tensor: '{name}'\noriginal.dtype: {original.dtype}\nright_inverse(original).dtype: {new.dtype}"
-            )
+                f"original.dtype: {original.dtype}\nright_inverse(original).dtype: {new.dtype}", name
+            ))
         if new.device != original.device:
-            raise ValueError(
+            raise ValueError(_naming(
                 f"When `right_inverse` outputs one tensor, it may not change the device.\n"
-                f"tensor: '{name}'\noriginal.device: {original.device}\nright_inverse(original).device: {new.device}"
-            )
+                f"original.device: {original.device}\nright_inverse(original).device: {new.device}", name
+            ))
         return (new,), None
     if not isinstance(new, Sequence) or isinstance(new, (str, bytes)):
-        raise ValueError(
-            f"'right_inverse' must return a Tensor or a Sequence of tensors (list, tuple...). "
-            f"Got {describe(new)} for '{name}'."
-        )
+        raise ValueError(_naming(
+            f"'right_inverse' must return a Tensor or a Sequence of tensors (list, tuple...). Got {describe(new)}", name
+        ))
     for i, t in enumerate(new):
         if not isinstance(t, Tensor):
-            raise ValueError(
+            raise ValueError(_naming(
                 f"'right_inverse' must return a Tensor or a Sequence of tensors (list, tuple...). "
-                f"Got element {i} of the sequence with type {describe(t)} for '{name}'."
-            )
+                f"Got element {i} of the sequence with type {describe(t)}.", name
+            ))
         if t.device != original.device:
             raise ValueError(
                 f"'right_inverse' of '{name}' may not change the device: element {i} is on {t.device}, "
@@ -105,36 +132,54 @@ def originals_from(new: Any, original: Tensor, name: str) -> tuple[tuple[Tensor,
     return tuple(new), len(new)
 
 
-def check_output(Z: Any, reference: Tensor, name: str, what: str) -> None:
-    """A parametrization's output keeps the tensor's dtype and shape (the check ``unsafe`` skips)."""
+def check_output(Z: Any, reference: Tensor, name: str) -> None:
+    """A parametrization registered on a plain tensor keeps its dtype and shape (the check ``unsafe`` skips)."""
     if not isinstance(Z, Tensor):
-        raise ValueError(f"A parametrization must return a tensor. Got {describe(Z)} for '{name}'.")
+        raise ValueError(_naming(f"A parametrization must return a tensor. Got {describe(Z)}.", name))
     if Z.dtype != reference.dtype:
-        raise ValueError(
-            f"{what} may not change the dtype of the tensor, unless `unsafe` flag is enabled.\n"
-            f"tensor: '{name}'\nunparametrized dtype: {reference.dtype}\nparametrized dtype: {Z.dtype}"
-        )
+        raise ValueError(_naming(
+            "Registering a parametrization may not change the dtype of the tensor, unless `unsafe` flag is enabled.\n"
+            f"unparametrized dtype: {reference.dtype}\nparametrized dtype: {Z.dtype}", name
+        ))
     if Z.shape != reference.shape:
-        raise ValueError(
-            f"{what} may not change the shape of the tensor, unless `unsafe` flag is enabled.\n"
-            f"tensor: '{name}'\nunparametrized shape: {tuple(reference.shape)}\nparametrized shape: {tuple(Z.shape)}"
-        )
+        raise ValueError(_naming(
+            "Registering a parametrization may not change the shape of the tensor, unless `unsafe` flag is enabled.\n"
+            f"unparametrized shape: {reference.shape}\nparametrized shape: {Z.shape}", name
+        ))
+
+
+def check_chained_output(X: Any, current: Tensor, name: str) -> None:
+    """A parametrization appended to a chain keeps the parametrized tensor's dtype and shape."""
+    if not isinstance(X, Tensor):
+        raise ValueError(_naming(f"A parametrization must return a tensor. Got {describe(X)}.", name))
+    if X.dtype != current.dtype:
+        raise ValueError(_naming(
+            "Registering a parametrization may not change the dtype of the tensor, unless the `unsafe` flag is enabled.\n"
+            f"module.{name}.dtype: {current.dtype}\nparametrization(module.{name}).dtype: {X.dtype}", name
+        ))
+    if X.shape != current.shape:
+        raise ValueError(_naming(
+            "Registering a parametrization may not change the shape of the tensor, unless the `unsafe` flag is enabled.\n"
+            f"module.{name}.shape: {current.shape}\nparametrization(module.{name}).shape: {X.shape}", name
+        ))
 
 
 def check_right_inverse_output(Z: Any, current: Tensor, name: str) -> None:
     """A step appended to a chain: its ``right_inverse`` gives one tensor of the chain's dtype and shape."""
     if not isinstance(Z, Tensor):
-        raise ValueError(f"parametrization.right_inverse for '{name}' must return a tensor. Got: {describe(Z)}")
+        raise ValueError(_naming(f"parametrization.right_inverse must return a tensor. Got: {describe(Z)}", name))
     if Z.dtype != current.dtype:
-        raise ValueError(
-            f"The tensor returned by parametrization.right_inverse for '{name}' must have the same "
-            f"dtype as the parametrized tensor: {Z.dtype} != {current.dtype}"
-        )
+        raise ValueError(_naming(
+            "The tensor returned by parametrization.right_inverse must have the same dtype "
+            f"as module.{name}, unless the `unsafe` flag is enabled.\n"
+            f"module.{name}.dtype: {current.dtype}\nreturned dtype: {Z.dtype}", name
+        ))
     if Z.shape != current.shape:
-        raise ValueError(
-            f"The tensor returned by parametrization.right_inverse for '{name}' must have the same "
-            f"shape as the parametrized tensor: {tuple(Z.shape)} != {tuple(current.shape)}"
-        )
+        raise ValueError(_naming(
+            "The tensor returned by parametrization.right_inverse must have the same shape "
+            f"as module.{name}, unless the `unsafe` flag is enabled.\n"
+            f"module.{name}.shape: {current.shape}\nreturned shape: {Z.shape}", name
+        ))
 
 
 def check_assigned_originals(
@@ -143,24 +188,29 @@ def check_assigned_originals(
     """The originals ``right_inverse`` gave for an assigned value, checked against the current ones."""
     if is_tensor:
         if not isinstance(new, Tensor):
-            raise ValueError(f"'right_inverse' of '{name}' must return a tensor. Got {describe(new)}.")
+            raise ValueError(_naming(f"`right_inverse` should return a tensor. Got {describe(new)}", name))
         new = (new,)
     else:
         if not isinstance(new, Sequence) or isinstance(new, Tensor):
-            raise ValueError(f"'right_inverse' of '{name}' must return a sequence of tensors. Got {describe(new)}.")
+            raise ValueError(_naming(f"'right_inverse' must return a sequence of tensors. Got {describe(new)}.", name))
         if len(new) != len(old):
-            raise ValueError(
-                f"'right_inverse' of '{name}' must return a sequence of tensors of length "
-                f"{len(old)}. Got a sequence of length {len(new)}."
-            )
-    for key, o, n in zip(keys, old, new):
+            raise ValueError(_naming(
+                f"'right_inverse' must return a sequence of tensors of length "
+                f"{len(old)}. Got a sequence of length {len(new)}.", name
+            ))
+    for i, (key, o, n) in enumerate(zip(keys, old, new)):
         if not isinstance(n, Tensor):
-            raise ValueError(f"'right_inverse' of '{name}' must return tensors; '{key}' got {describe(n)}.")
+            raise ValueError(_naming(
+                f"'right_inverse' must return a sequence of tensors or reference-type opaques. "
+                f"Got element {i} of type {describe(n)}.", name
+            ))
         if n.dtype != o.dtype:
-            raise ValueError(
-                f"The tensor returned by 'right_inverse' for '{key}' has dtype {n.dtype} "
-                f"while the original has dtype {o.dtype}"
-            )
+            raise ValueError(_naming(
+                f"The tensor returned by `right_inverse` has dtype {n.dtype} while `original` has dtype {o.dtype}"
+                if is_tensor
+                else f"Tensor {i} returned by `right_inverse` has dtype {n.dtype} while `original{i}` has dtype {o.dtype}",
+                name,
+            ))
         if n.shape != o.shape and not unsafe:
             raise ValueError(
                 f"assign: the value for '{raw_name}' gives '{key}' the shape {tuple(n.shape)}, but the "
@@ -196,7 +246,7 @@ def assign_values(
         sp = pick_steps(params, plan.step_param_keys)
         ss = pick_steps(state, plan.step_state_keys)
         with torch.no_grad():
-            new, ss_new = chain.right_inverse(value, sp, ss, generator)
+            new, ss_new = _chain_right_inverse(chain, name, value, sp, ss, generator)
         source = state if chain.is_buffer else params
         old = pick(source, plan.original_keys)
         new = check_assigned_originals(name, raw_name, plan.original_keys, old, new, chain.is_tensor, any(chain.unsafe))
@@ -232,15 +282,16 @@ def register_step(
         with torch.no_grad():
             if step.has_right_inverse:
                 try:
-                    new, ss = step.right_inverse(current, sp, ss, generator)
+                    with failures_named(name, 0, step, "right_inverse"):
+                        new, ss = step.right_inverse(current, sp, ss, generator)
                 except NotImplementedError:
                     pass
         originals, n_originals = originals_from(new, current, name)
         chain = Chain((step,), n_originals, is_buffer=(where == "state"), unsafe=(unsafe,))
         if not unsafe:
-            with torch.no_grad():
+            with torch.no_grad(), failures_named(name, 0, step, "forward"):
                 Z, _ = chain.forward(originals, [sp], [ss], training=False)
-            check_output(Z, current, name, "Registering a parametrization")
+            check_output(Z, current, name)
         tree = state if where == "state" else params
         del tree[name]
         shapes.pop(name, None)
@@ -252,12 +303,15 @@ def register_step(
         layout[name] = ((tuple(sp),), (tuple(ss),))
     else:
         if not unsafe:
+            index = len(net.chains[name].steps)
             with torch.no_grad():
-                X, _ = step.forward((current,), sp, ss, False)
-                check_output(X, current, name, "Registering a parametrization on a parametrized tensor")
+                with failures_named(name, index, step, "forward"):
+                    X, _ = step.forward((current,), sp, ss, False)
+                check_chained_output(X, current, name)
                 if step.has_right_inverse:
                     try:
-                        Z, _ = step.right_inverse(X, sp, ss, generator)
+                        with failures_named(name, index, step, "right_inverse"):
+                            Z, _ = step.right_inverse(X, sp, ss, generator)
                     except NotImplementedError:
                         pass
                     else:
@@ -298,10 +352,10 @@ def remove_chain(
     elif chain.is_tensor:
         value = source[plan.original_keys[0]]
     else:
-        raise ValueError(
-            f"Cannot leave unparametrized (`leave_parametrized=False`) '{name}', a tensor that is "
-            "parametrized in terms of a sequence of tensors."
-        )
+        raise ValueError(_naming(
+            "Cannot leave unparametrized (`leave_parametrized=False`) a tensor that is "
+            "parametrized in terms of a sequence of tensors.", name
+        ))
     dropped = [*plan.original_keys, *(k for keys in plan.step_param_keys for _, k in keys)]
     for k in plan.original_keys:
         del source[k]
@@ -318,3 +372,15 @@ def remove_chain(
     chains = {k: v for k, v in net.chains.items() if k != name}
     layout = {k: v for k, v in net._layout.items() if k != name}
     return net._derive(chains, layout, shapes), params, state
+
+
+def _chain_right_inverse(
+    chain: Chain, name: str, value: Tensor, params: Sequence[dict], state: Sequence[dict], generator: Optional[torch.Generator]
+) -> tuple[Any, list[dict]]:
+    """``chain.right_inverse``, last step first, with a failing step named (see :func:`failures_named`)."""
+    new_state = list(state)
+    x: Any = value
+    for i in reversed(range(len(chain.steps))):
+        with failures_named(name, i, chain.steps[i], "right_inverse"):
+            x, new_state[i] = chain.steps[i].right_inverse(x, params[i], state[i], generator)
+    return x, new_state

@@ -180,3 +180,117 @@ def test_summed_member_route_compiles_without_graph_breaks():
     for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+# -- issue 17, item 6: partly shared ensembles (per-entry in_dims) -------------------------------
+ENCODEC_INTS = {"stride": None, "kernel_size": None, "padding_total": None}
+
+
+def test_encodec_integer_buffers_shared_run_as_an_ensemble_and_each_member_equals_its_solo_run():
+    from .third_party import EncodecConv1d
+
+    torch.manual_seed(0)
+    net, _, _ = pf.from_torch(EncodecConv1d())
+    gens = pf.ensemble.generators(seed=0, n=3)
+    params, state = pf.ensemble.init(net, gens, in_dims=(0, ENCODEC_INTS))
+    assert state["stride"].shape == () and params["conv.parametrizations.weight.original1"].shape[0] == 3
+    x = torch.randn(2, 2, 9)
+    out, new_state = pf.ensemble.call(net, params, state, x, training=True, in_dims=(0, ENCODEC_INTS))
+    for k in range(3):
+        solo, _ = net(pf.ensemble.member(params, k), pf.ensemble.member(state, k, ENCODEC_INTS), x, training=True)
+        torch.testing.assert_close(out[k], solo, rtol=1e-6, atol=1e-6)
+    assert new_state["stride"].shape == () and torch.equal(new_state["stride"], state["stride"])  # shared in, shared out
+    # stacked (the only choice before), the padding arithmetic is vmap's data-dependent control flow
+    stacked_params, stacked_state = pf.ensemble.init(net, gens)
+    with pytest.raises(RuntimeError, match=r"data-dependent control flow|calling \.item\(\) on a Tensor"):
+        pf.ensemble.call(net, stacked_params, stacked_state, x)
+
+
+def test_call_takes_in_dims_for_its_args_and_refuses_member_counts_that_differ_naming_both():
+    net = _net()
+    params, state = pf.ensemble.init(net, pf.ensemble.generators(seed=0, n=3))
+    xs = torch.randn(3, 6, 4)
+    out, _ = pf.ensemble.call(net, params, state, xs, training=False, in_dims=(0, 0, 0))
+    for k in range(3):
+        ok, _ = net(pf.ensemble.member(params, k), pf.ensemble.member(state, k), xs[k], training=False)
+        torch.testing.assert_close(out[k], ok, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"args\[0\] stacks 4 members \(dim 0\), but params and state stacks 3"):
+        pf.ensemble.call(net, params, state, torch.randn(4, 6, 4), in_dims=(0, 0, 0))
+    bad = {**params, "0.bias": torch.randn(4, 16)}
+    with pytest.raises(ValueError, match=r"params\['2.bias'\] stacks 3 members, but params\['0.bias'\] stacks 4"):
+        pf.ensemble.call(net, bad, state, xs[0])
+    with pytest.raises(ValueError, match=r"in_dims for params names keys params does not have: \['nope'\]"):
+        pf.ensemble.call(net, params, state, xs[0], in_dims=({"nope": None}, 0))
+    with pytest.raises(ValueError, match="not both"):
+        pf.ensemble.call(net, params, state, xs, in_dims=(0, 0, 0), batched_args=True)
+    loss = lambda p, x: net(p, state_0, x, training=False)[0].pow(2).mean()  # noqa: E731
+    state_0 = pf.ensemble.member(state, 0)
+    with pytest.raises(ValueError, match=r"args\[1\] stacks 4 members \(dim 0\), but args\[0\]\['.*'\] stacks 3"):
+        pf.ensemble.grad_and_value(loss, in_dims=(0, 0))(params, torch.randn(4, 6, 4))
+
+
+def test_a_shared_state_entry_changed_per_member_is_an_error_naming_it():
+    class Ema(nn.Module):  # an EMA of its outputs, assigned (as EMA modules do)
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.register_buffer("ema", torch.zeros(3))
+
+        def forward(self, x):
+            y = self.lin(x)
+            if self.training:
+                self.ema = 0.9 * self.ema + 0.1 * y.mean(0).detach()
+            return y
+
+    net = pf.parametrize(Ema(), {})
+    params, state = pf.ensemble.init(net, pf.ensemble.generators(seed=0, n=2), in_dims=(0, None))
+    assert state["ema"].shape == (3,)
+    with pytest.raises(ValueError, match=r"state\['ema'\] is shared \(in_dims None\), but the call changed it differently per member"):
+        pf.ensemble.call(net, params, state, torch.randn(4, 3), training=True, in_dims=(0, None))
+    out, new_state = pf.ensemble.call(net, params, state, torch.randn(4, 3), training=False, in_dims=(0, None))
+    assert out.shape == (2, 4, 3) and new_state["ema"] is state["ema"]
+
+
+def test_n_low_rank_adapters_on_one_frozen_base_train_in_one_vmapped_step_each_equal_to_training_it_alone():
+    import torch.nn.functional as F
+
+    from pfunc.parametrizations import LowRankAdapter
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    net = pf.parametrize(base, {"0.weight": LowRankAdapter(rank=2), "2.weight": LowRankAdapter(rank=2)})
+    adapter = sorted(k for k in net.param_keys if k.endswith(("original1", "original2")))
+    shared = {k: None for k in net.param_keys if k not in adapter}  # the base: weights and biases
+    n = 4
+    params, _ = pf.ensemble.init(net, pf.ensemble.generators(seed=0, n=n), reinit=None, in_dims=(shared, 0))
+    assert params["0.parametrizations.weight.original0"].shape == (16, 6)  # one frozen base
+    assert params["0.parametrizations.weight.original1"].shape == (n, 2, 6)  # n adapters
+    frozen = {k: params[k].detach().clone() for k in shared}
+    xs, ys = torch.randn(n, 8, 6), torch.randn(n, 8, 3)
+
+    def loss(p, x, y):
+        return F.mse_loss(net(p, {}, x)[0], y)
+
+    step = pf.ensemble.grad_and_value(loss, in_dims=(shared, 0, 0))
+    trained = {k: params[k] for k in adapter}
+    opt = torch.optim.SGD(trained.values(), lr=0.5, momentum=0.9)
+    solo = [{k: pf.ensemble.member(params, m, shared)[k].detach().clone().requires_grad_() for k in adapter} for m in range(n)]
+    solo_opts = [torch.optim.SGD(s.values(), lr=0.5, momentum=0.9) for s in solo]
+    for _ in range(3):
+        grads, losses = step({**params, **trained}, xs, ys)
+        assert sorted(grads) == adapter  # gradients for what is stacked only
+        for k, p in trained.items():
+            p.grad = grads[k]
+        opt.step()
+        for m in range(n):
+            g, value = pf.grad_and_value(loss)({**frozen, **solo[m]}, xs[m], ys[m])
+            torch.testing.assert_close(losses[m], value, rtol=1e-6, atol=1e-7)
+            for k, p in solo[m].items():
+                p.grad = g[k]
+            solo_opts[m].step()
+    for m in range(n):
+        for k in adapter:
+            torch.testing.assert_close(trained[k][m], solo[m][k], rtol=1e-5, atol=1e-6, msg=lambda e: f"member {m} {k}: {e}")
+    assert not torch.equal(trained[adapter[1]][0], trained[adapter[1]][1])  # members differ: own A, own data
+    for k, v in frozen.items():
+        assert torch.equal(params[k], v)  # the base is never written

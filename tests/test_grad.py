@@ -385,3 +385,49 @@ def test_compiled_grad_has_no_graph_break_and_equals_eager():
 def test_docstring_examples_run():
     result = doctest.testmod(sys.modules["pfunc.grad"])
     assert result.failed == 0 and result.attempted > 0
+
+
+# -- issue 17, item 5: None for what the loss does not reach, as loss.backward() leaves .grad -----
+def test_materialize_grads_false_gives_none_for_unreached_params_so_adamw_steps_exactly_what_torch_steps():
+    import copy
+
+    from .third_party import Wav2Vec2Encoder
+
+    torch.manual_seed(0)
+    model = Wav2Vec2Encoder().train()
+    twin = copy.deepcopy(model)
+    net, params, state = pf.from_torch(model)
+    params = {k: v.detach().requires_grad_() for k, v in params.items()}
+    torch_opt = torch.optim.AdamW(twin.parameters(), lr=0.1, weight_decay=0.5)
+    pfunc_opt = torch.optim.AdamW(params.values(), lr=0.1, weight_decay=0.5)
+    g = torch.Generator().manual_seed(1)
+
+    def loss_fn(p, x):
+        return net(p, state, x, training=True)[0].pow(2).mean()
+
+    for _ in range(2):
+        x = torch.randn(2, 5, 8, generator=g)
+        torch_opt.zero_grad(set_to_none=True)
+        twin(x).pow(2).mean().backward()
+        torch_opt.step()
+        grads = pf.grad(loss_fn, materialize_grads=False)(params, x)
+        assert [k for k, v in grads.items() if v is None] == ["masked_spec_embed"]
+        for k, p in params.items():
+            p.grad = grads[k]
+        pfunc_opt.step()
+    for k, v in twin.named_parameters():
+        torch.testing.assert_close(params[k], v, rtol=1e-6, atol=1e-7, msg=lambda m: f"{k}: {m}")
+    assert torch.equal(params["masked_spec_embed"], model.masked_spec_embed)  # never stepped, as torch
+
+    # the default stays torch.func's (zeros), and so does every route inside a transform
+    assert torch.equal(pf.grad(loss_fn)(params, x)["masked_spec_embed"], torch.zeros(8))
+    per_member = torch.func.vmap(pf.grad(loss_fn, materialize_grads=False), in_dims=(None, 0))(params, x[:, None])
+    assert torch.equal(per_member["masked_spec_embed"], torch.zeros(2, 8))
+    with pytest.raises(TypeError, match="materialize_grads must be True or False"):
+        pf.grad(loss_fn, materialize_grads=None)
+
+
+def test_materialize_grads_false_with_a_loss_that_reaches_nothing_gives_all_none():
+    value_only = pf.grad_and_value(lambda p: torch.tensor(1.0), materialize_grads=False)
+    grads, value = value_only({"w": torch.ones(2)})
+    assert grads == {"w": None} and value == 1.0

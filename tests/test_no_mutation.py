@@ -135,7 +135,8 @@ def test_forward_sees_the_materialized_tensors_through_parameters_and_attributes
     params, state = net.init()
     values, _ = net.materialize(params, state)
     net.apply(values, torch.randn(2, 3))
-    assert seen["attr"] is values["weight"] and seen["listed"] is values["weight"]
+    # one tensor, the call's value (a copy-on-write copy of it, so the forward cannot write values)
+    assert seen["attr"] is seen["listed"] and torch.equal(seen["attr"], values["weight"])
 
 
 def test_nested_calls_of_the_same_net_restore_in_order():
@@ -168,3 +169,109 @@ def test_a_submodule_replaced_after_building_still_gets_the_values():
     expected = torch.func.functional_call(model, values, (x,))
     torch.testing.assert_close(net.apply(values, x), expected)
     assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+
+
+# -- issue 17, item 3: the caller's params are never written -------------------------------------
+def _bitwise_copy(tree):
+    return {k: v.detach().clone() for k, v in tree.items()}
+
+
+def _assert_bitwise_unchanged(tree, before):
+    for k, v in tree.items():
+        assert torch.equal(v, before[k]) and v.dtype == before[k].dtype, f"the call wrote the caller's '{k}'"
+
+
+def test_a_pruners_forward_hook_writing_bias_data_does_not_write_the_callers_params():
+    from .third_party import structured_pruned_mlp
+
+    model = structured_pruned_mlp()
+    net, params, state = pf.from_torch(model)
+    mask = state["0.parametrizations.weight.0.mask"]
+    assert not mask.all() and (params["0._bias"][~mask] != 0).all()  # the hook has entries to zero
+    before = _bitwise_copy(params)
+    x = torch.randn(3, 6)
+    out, _ = net(params, state, x, training=True)
+    _assert_bitwise_unchanged(params, before)
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)  # and it computes what torch computes
+    pf.grad(lambda p: net(p, state, x, training=True)[0].sum())(params)
+    _assert_bitwise_unchanged(params, before)
+    torch.func.grad(lambda p: net(p, state, x, training=True)[0].sum())(params)
+    _assert_bitwise_unchanged(params, before)
+
+
+class _ClampsItsWeight(nn.Linear):
+    """A forward that writes its own parameter under ``no_grad`` (weight clipping, as WGAN code does)."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.weight.clamp_(-0.1, 0.1)
+        return super().forward(x)
+
+
+def test_a_forward_writing_its_weight_in_place_leaves_the_callers_params_bitwise_unchanged_in_every_route():
+    torch.manual_seed(0)
+    net = pf.parametrize(_ClampsItsWeight(4, 3), {})
+    params, state = net.init()
+    before = _bitwise_copy(params)
+    x = torch.randn(2, 4)
+    out, _ = net(params, state, x)
+    _assert_bitwise_unchanged(params, before)
+    torch.testing.assert_close(out, x @ before["weight"].clamp(-0.1, 0.1).T + before["bias"])
+    net.apply(params, x)
+    _assert_bitwise_unchanged(params, before)
+    pf.grad(lambda p: net(p, state, x)[0].sum())(params)
+    _assert_bitwise_unchanged(params, before)
+    stacked = pf.tree.stack([params, params])
+    stacked_before = _bitwise_copy(stacked)
+    torch.func.vmap(lambda p: net(p, state, x)[0])(stacked)
+    _assert_bitwise_unchanged(stacked, stacked_before)
+
+
+def test_a_users_parametrization_returning_its_input_does_not_let_the_forward_write_the_original():
+    torch.manual_seed(0)
+    net = pf.parametrize(_ClampsItsWeight(4, 3), {"weight": lambda X: X})  # the original itself, as the value
+    params, state = net.init()
+    before = _bitwise_copy(params)
+    net(params, state, torch.randn(2, 4))
+    _assert_bitwise_unchanged(params, before)
+
+
+@pytest.mark.parametrize("name", ["Symmetric", "Skew", "Cayley", "MatrixExp", "SPD", "Orthogonal", "SpectralNorm",
+                                  "WeightNorm", "WeightStandardization", "Positive", "Bounded", "Mask", "LowRankAdapter"])
+def test_every_builtin_parametrization_returns_new_storage_so_calls_hand_it_over_without_a_copy(name):
+    # pfunc.Parametrized hands chains of built-ins to the module uncopied: that is only safe if none
+    # of them returns its input or a view of it
+    import pfunc.parametrizations as builtins
+
+    kwargs = {"LowRankAdapter": {"rank": 2}, "Bounded": {"low": -1.0, "high": 1.0}}.get(name, {})
+    net = pf.parametrize(nn.Linear(4, 4), {"weight": getattr(builtins, name)(**kwargs)})
+    assert "weight" in net._private_values
+    params, state = net.init(generator=torch.Generator().manual_seed(0))
+    values, _ = net.materialize(params, state, training=True)
+    produced = values["weight"].untyped_storage().data_ptr()
+    for k, t in {**params, **state}.items():
+        assert t.untyped_storage().data_ptr() != produced, f"{name}'s value shares storage with '{k}'"
+
+
+class _ClampsItsInput(nn.Module):
+    """A torch-style parametrization that writes the tensor it is handed (an in-place projection)."""
+
+    def forward(self, X):
+        with torch.no_grad():
+            X.clamp_(-0.1, 0.1)
+        return X
+
+
+@pytest.mark.parametrize("parametrization", [_ClampsItsInput(), lambda X: X.data.mul_(0) + X], ids=["module", "plain"])
+def test_a_users_parametrization_writing_its_input_does_not_write_the_callers_original(parametrization):
+    torch.manual_seed(0)
+    net = pf.parametrize(nn.Linear(4, 3), {"weight": parametrization}, unsafe=True)
+    params, state = net.init()
+    before = _bitwise_copy(params)
+    x = torch.randn(2, 4)
+    out, _ = net(params, state, x)
+    _assert_bitwise_unchanged(params, before)
+    net.materialize(params, state)
+    _assert_bitwise_unchanged(params, before)
+    pf.grad(lambda p: net(p, state, x)[0].sum())(params)
+    _assert_bitwise_unchanged(params, before)

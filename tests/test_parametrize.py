@@ -564,7 +564,7 @@ def test_errors_on_parametrized_tensor_keep_the_chain():
         (WrongReturn(), "must return a tensor"),
         (ChangeDtype(), "may not change the dtype"),
         (ChangeShape(), "may not change the shape"),
-        (WrongReturnInverse(), "right_inverse for 'weight' must return a tensor"),
+        (WrongReturnInverse(), "right_inverse must return a tensor"),
         (ChangeDtypeInverse(), "must have the same dtype"),
         (ChangeShapeInverse(), "must have the same shape"),
     ]

@@ -44,7 +44,7 @@ from examples.torchrun import Launch, LaunchError, launch_from_env, let_the_repo
 from .checkpoint import CheckpointError, save_checkpoint
 from .cli import resolve_device
 from .config import ConfigError, TrainConfig
-from .data import BadImageError, BatchOrder
+from .data import BadImageError
 from .data_parallel import DEFAULT_TIMEOUT_S, DataParallel, RankFailure, choose_backend, random_streams, rank_device, start_data_parallel
 from .folders import FolderError, new_timestamped_folder
 from .interrupt import StopRequest
@@ -52,7 +52,8 @@ from .model import build_model
 from .run_outputs import LOSSES, RunTimes, finish_run, read_losses, truncate_losses
 from .train_args import DEFAULT_BACKEND, build_parser, check_launch_flags, resolve_config
 from .train_plan import SHAPES_TRAIN_SEED, Plan, load_data, prepare, resume_hint, warn_skipped
-from .training import Generators, TrainState, draw_micro_batch, make_grad_fn, make_loss_fn, make_optimizer, train_step
+from .training import (Generators, TrainState, draw_micro_batch, initial_train_state, make_generators, make_grad_fn, make_loss_fn,
+                       make_optimizer, train_step)
 from .training_checkpoint import CHECKPOINT, make_payload, restore
 
 __all__ = ["build_parser", "resolve_config", "resolve_device", "build_model", "load_data", "read_losses", "main", "SHAPES_TRAIN_SEED"]
@@ -224,11 +225,7 @@ def _start(plan: Plan, cfg: TrainConfig, device: torch.device, gens: Generators,
     if run_dir is None:
         return None, None, 1
     try:
-        p0, s0 = net.init(generator=torch.Generator().manual_seed(cfg.seed))
-        params = {k: v.to(device).detach().requires_grad_(True) for k, v in p0.items()}
-        state = {k: v.to(device) for k, v in s0.items()}
-        ema = {k: v.detach().clone() for k, v in params.items()}
-        ts = TrainState(params, state, ema, factory(params, cfg.lr, cfg.weight_decay), 0)
+        ts = initial_train_state(net, cfg.seed, device, cfg.lr, cfg.weight_decay, factory)
         if writer:
             save_image_grid(run_dir / "data.png", plan.data[: cfg.num_samples].cpu(), nrow=int(math.sqrt(cfg.num_samples)) or 1, scale=4)
     except (OSError, ValueError) as e:
@@ -250,11 +247,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: Plan
     say = print if writer else (lambda *a, **k: None)
     diffusion = plan.diffusion.to(device)
     data = plan.data.to(device)
-    gens = Generators(
-        order=BatchOrder(data.shape[0], cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1)),
-        noise=torch.Generator(device=device).manual_seed(cfg.seed + 2),
-        coin=torch.Generator().manual_seed(cfg.seed + 4),
-    )
+    gens = make_generators(cfg.seed, data.shape[0], cfg.batch_size, device)
     ts, run_dir, status = _start(plan, cfg, device, gens, args, parser, dp)
     if ts is None:
         return status

@@ -1,6 +1,7 @@
 """Built-in parametrizations, one family per module."""
 
 from .elementwise import Bounded, Mask, Positive
+from .lowrank import LowRankAdapter
 from .matrix import SPD, Cayley, MatrixExp, Orthogonal, Skew, Symmetric
 from .norm import SpectralNorm, WeightNorm, WeightStandardization
 
@@ -17,4 +18,5 @@ __all__ = [
     "Positive",
     "Bounded",
     "Mask",
+    "LowRankAdapter",
 ]

@@ -13,7 +13,7 @@ True
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -39,11 +39,13 @@ class Symmetric:
     """
 
     def forward(self, X: Tensor) -> Tensor:
+        _require_square(X, "Symmetric")
         return X.triu() + X.triu(1).mT
 
     __call__ = forward
 
     def right_inverse(self, A: Tensor) -> Tensor:
+        _require_square(A, "Symmetric.right_inverse")
         return A.triu()
 
     def __repr__(self) -> str:
@@ -57,12 +59,14 @@ class Skew:
     """
 
     def forward(self, X: Tensor) -> Tensor:
+        _require_square(X, "Skew")
         A = X.triu(1)
         return A - A.mT
 
     __call__ = forward
 
     def right_inverse(self, A: Tensor) -> Tensor:
+        _require_square(A, "Skew.right_inverse")
         return A.triu(1)
 
     def __repr__(self) -> str:
@@ -163,16 +167,27 @@ class Orthogonal:
     ``base @ map(X)``; ``right_inverse(Q)`` sets ``base`` from ``Q`` and returns
     ``-Id``, so assigning any orthogonal ``Q`` is exact.
 
+    ``shape`` is the shape of the tensor it parametrizes (set when it is registered, as torch's
+    ``_Orthogonal`` records it); ``right_inverse`` refuses a value of another shape, whatever
+    ``unsafe`` says, as torch does.
+
     State: ``{"base": (..., n, n)}`` with ``n = max(rows, cols)``; empty without trivialization.
     """
 
-    def __init__(self, orthogonal_map: Optional[OrthogonalMap] = None, *, use_trivialization: bool = True):
+    def __init__(
+        self,
+        orthogonal_map: Optional[OrthogonalMap] = None,
+        *,
+        use_trivialization: bool = True,
+        shape: Optional[Sequence[int]] = None,
+    ):
         if orthogonal_map not in (None, "matrix_exp", "cayley", "householder"):
             raise ValueError(
                 f'orthogonal_map has to be one of "matrix_exp", "cayley", "householder". Got: {orthogonal_map}'
             )
         self.orthogonal_map = orthogonal_map
         self.use_trivialization = use_trivialization
+        self.shape = None if shape is None else torch.Size(shape)
 
     def __repr__(self) -> str:
         return f"Orthogonal(orthogonal_map={self.orthogonal_map!r}, use_trivialization={self.use_trivialization})"
@@ -181,15 +196,15 @@ class Orthogonal:
         """Resolve the default map for ``value`` and check it is a matrix."""
         if value.ndim < 2:
             raise ValueError(
-                f"Orthogonal on '{name}': expected a matrix or batch of matrices. "
+                f"Orthogonal on '{name}': Expected a matrix or batch of matrices. "
                 f"Got a tensor of {value.ndim} dimensions."
             )
         omap = self.orthogonal_map
         if omap is None:
             omap = "matrix_exp" if value.size(-2) == value.size(-1) or value.is_complex() else "householder"
         if value.is_complex() and omap == "householder":
-            raise ValueError(f"Orthogonal on '{name}': the householder parametrization does not support complex tensors.")
-        return Orthogonal(omap, use_trivialization=self.use_trivialization)
+            raise ValueError(f"Orthogonal on '{name}': The householder parametrization does not support complex tensors.")
+        return Orthogonal(omap, use_trivialization=self.use_trivialization, shape=value.shape)
 
     def _map(self) -> str:
         return self.orthogonal_map or "matrix_exp"
@@ -237,6 +252,10 @@ class Orthogonal:
     def right_inverse(
         self, Q: Tensor, state: dict[str, Tensor], *, generator: Optional[torch.Generator] = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.shape is not None and Q.shape != self.shape:
+            raise ValueError(
+                f"Expected a matrix or batch of matrices of shape {self.shape}. Got a tensor of shape {Q.shape}."
+            )
         Q_init = Q
         n, k = Q.size(-2), Q.size(-1)
         transpose = n < k
