@@ -64,7 +64,8 @@ class Parametrized:
     Attributes:
         module: the untouched ``nn.Module``.
         chains: read-only ``{tensor name: Chain}`` in registration order.
-        param_keys, state_keys: the keys ``params`` and ``state`` must have.
+        param_keys: the keys ``params`` must have.
+        state_keys: the keys ``state`` must have.
     """
 
     def __init__(

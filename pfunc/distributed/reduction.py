@@ -54,7 +54,7 @@ class Pending:
 
     @property
     def launched(self) -> int:
-        """How many of the bucket all-reduces have started so far (in order: 0..launched-1)."""
+        """How many of the bucket all-reduces have started so far (in order, 0 to launched - 1)."""
         return self._launched
 
     def _what(self, k: int) -> str:
