@@ -28,17 +28,28 @@ from . import _power_kernels as kernels
 from ._power_kernels import normalize
 from ._vmap import HAS_OPS, is_vmapped
 
+_functorch = torch._C._functorch
+
 __all__ = ["normalize", "power_iteration", "sigma", "gram_schmidt", "biggan_power_iteration"]
 
 
-def _as_op(*tensors: Tensor) -> bool:
-    """Run the iteration as the custom operation: under ``torch.compile`` (one opaque node) or
-    when ``vmap`` batches any input (its batching rule picks the kernel)."""
+def _vmapped(*tensors: Tensor) -> bool:
+    """Whether ``vmap`` batches any of ``tensors`` (then the operation's batching rule picks the kernel)."""
     if not HAS_OPS:
         return False
-    if torch.compiler.is_compiling():
-        return True
-    return any(is_vmapped(t) for t in tensors)
+    for t in tensors:
+        if is_vmapped(t):
+            return True
+    return False
+
+
+def _detached(t: Tensor) -> Tensor:
+    """``t.detach()`` where autograd or a ``torch.func`` transform could track ``t``; a plain tensor
+    that needs no grad is used as it is (nothing computed from it alone is tracked, and a detach
+    costs a dispatch per tensor per call). Not under ``torch.compile`` (see :func:`power_iteration`)."""
+    if t.requires_grad or _functorch.is_functorch_wrapped_tensor(t):
+        return t.detach()
+    return t
 
 
 def power_iteration(W: Tensor, u: Tensor, v: Tensor, n_iterations: int, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
@@ -46,10 +57,15 @@ def power_iteration(W: Tensor, u: Tensor, v: Tensor, n_iterations: int, eps: flo
 
     Shapes: ``W (h, w)``, ``u (h,)``, ``v (w,)``; returns the new ``(u, v)``, detached.
     """
-    W, u, v = W.detach(), u.detach(), v.detach()
+    if torch.compiler.is_compiling():  # one opaque node in the graph; the kernel is chosen when it runs
+        W, u, v = W.detach(), u.detach(), v.detach()
+        if n_iterations <= 0 or not HAS_OPS:
+            return kernels.iterate_mv(W, u, v, n_iterations, eps)
+        return torch.ops.pfunc.power_iteration(W, u, v, n_iterations, eps)
+    W, u, v = _detached(W), _detached(u), _detached(v)
     if n_iterations <= 0:
         return u, v
-    if _as_op(W, u, v):
+    if _vmapped(W, u, v):
         return torch.ops.pfunc.power_iteration(W, u, v, n_iterations, eps)
     return kernels.iterate_mv(W, u, v, n_iterations, eps)
 
@@ -59,9 +75,9 @@ def _rows_under_vmap(W: Tensor, x: Tensor) -> bool:
     vmapped ``torch.mv`` is a one-column ``bmm`` and the one-row ``bmm`` is the measured faster one."""
     return (
         HAS_OPS
-        and W.device.type == "cpu"
         and not torch.compiler.is_compiling()
         and (is_vmapped(W) or is_vmapped(x))
+        and W.device.type == "cpu"
     )
 
 
@@ -88,12 +104,21 @@ def biggan_power_iteration(W: Tensor, us: Tensor, eps: float = 1e-12) -> tuple[T
     Shapes: ``W (h, w)``, ``us (k, h)``; returns ``(svs (k,), us (k, h), vs (k, w))``.
     ``us`` and ``vs`` are detached; ``svs[i] = v_i W^T u_i`` carries gradients to ``W``.
     """
-    Wd, ud = W.detach(), us.detach()
-    if _as_op(Wd, ud):
+    if torch.compiler.is_compiling():
+        Wd, ud = W.detach(), us.detach()
+        new_us, new_vs = torch.ops.pfunc.biggan_power_iteration(Wd, ud, eps) if HAS_OPS else kernels.biggan_mv(Wd, ud, eps)
+        return _biggan_svs(W, new_us, new_vs), new_us, new_vs
+    Wd, ud = _detached(W), _detached(us)
+    if _vmapped(Wd, ud):
         new_us, new_vs = torch.ops.pfunc.biggan_power_iteration(Wd, ud, eps)
     else:
         new_us, new_vs = kernels.biggan_mv(Wd, ud, eps)
-    if _rows_under_vmap(W, new_vs):
-        return ((new_vs @ W.mT) * new_us).sum(-1), new_us, new_vs
-    svs = [torch.dot(torch.mv(W, new_vs[i]), new_us[i]) for i in range(us.shape[0])]
-    return torch.stack(svs), new_us, new_vs
+    return _biggan_svs(W, new_us, new_vs), new_us, new_vs
+
+
+def _biggan_svs(W: Tensor, us: Tensor, vs: Tensor) -> Tensor:
+    """``svs[i] = u_i . W v_i``, differentiable in ``W``: per ``i`` with ``torch.mv`` as BigGAN-PyTorch,
+    or one product with the ``k`` rows under ``vmap`` on CPU."""
+    if _rows_under_vmap(W, vs):
+        return ((vs @ W.mT) * us).sum(-1)
+    return torch.stack([torch.dot(torch.mv(W, vs[i]), us[i]) for i in range(us.shape[0])])
