@@ -18,10 +18,18 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+PLAIN_UNDER_VMAP = 2
+"""Up to this many iterations an eager ``vmap`` runs plain row-form ops (:func:`iterate_rows`), which
+``vmap`` batches op by op at a few µs an op: for one or two iterations that is below the
+operation's fixed cost (its dispatch and batching rule, ~20 µs more on 16 matrices); from three
+iterations on the operation, which runs each iteration's ops once for the whole stack, is as
+fast or faster (measured: BENCHMARKS.md, item 4's note)."""
+
 __all__ = [
     "KERNELS",
     "normalize",
     "iterate_mv",
+    "iterate_rows",
     "iterate_batched",
     "iterate_shared",
     "biggan_mv",
@@ -45,6 +53,16 @@ def iterate_mv(W: Tensor, u: Tensor, v: Tensor, n: int, eps: float) -> tuple[Ten
     for _ in range(n):
         u = normalize(torch.mv(W, v), eps)
         v = normalize(torch.mv(W.mH, u), eps)
+    return u, v
+
+
+def iterate_rows(W: Tensor, u: Tensor, v: Tensor, n: int, eps: float) -> tuple[Tensor, Tensor]:
+    """torch's scheme with the vectors as one-row left factors (``v^T W^T``, ``u^T W^*``): the same
+    products as :func:`iterate_mv`, in the form whose batched version (what ``vmap`` makes of it)
+    is the ``bmm row`` kernel, or one GEMM when ``W`` is shared by the batch."""
+    for _ in range(n):
+        u = normalize((v.unsqueeze(-2) @ W.mT).squeeze(-2), eps)
+        v = normalize((u.unsqueeze(-2) @ W.conj()).squeeze(-2), eps)
     return u, v
 
 

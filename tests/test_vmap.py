@@ -113,7 +113,7 @@ def test_nested_vmap_equals_the_double_loop(inner, outer):
     us, vs = torch.randn(3, 4, 6, generator=g, dtype=torch.float64), torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
     W_arg = Ws if outer[0] == 0 else Ws[0]
     W_arg = W_arg if inner[0] == 0 else W_arg.select(-3, 0)
-    f = lambda W, u, v: power.power_iteration(W, u, v, 2)  # noqa: E731
+    f = lambda W, u, v: power.power_iteration(W, u, v, 3)  # noqa: E731
     got = torch.func.vmap(torch.func.vmap(f, in_dims=inner), in_dims=outer)(W_arg, us, vs)
     for j in range(3):
         for i in range(4):
@@ -121,6 +121,25 @@ def test_nested_vmap_equals_the_double_loop(inner, outer):
             expected = f(W, us[j, i], vs[j, i])
             torch.testing.assert_close(got[0][j, i], expected[0])
             torch.testing.assert_close(got[1][j, i], expected[1])
+
+
+@needs_ops
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("in_dims", [(0, 0, 0), (None, 0, 0)])
+def test_few_iterations_under_vmap_run_plain_row_products_equal_to_the_operation(n, in_dims, monkeypatch):
+    Ws, us, vs = _problem(5, 6, 4, 11)
+    W = Ws if in_dims[0] == 0 else Ws[0]
+    f = lambda W, u, v: power.power_iteration(W, u, v, n)  # noqa: E731
+    calls = []
+    real = kernels.iterate_rows
+    monkeypatch.setattr(kernels, "iterate_rows", lambda *a: calls.append(1) or real(*a))
+    plain = torch.func.vmap(f, in_dims=in_dims)(W, us, vs)
+    assert calls == [1]   # below the operation's fixed cost: vmap batches the row products itself
+    monkeypatch.setattr(kernels, "PLAIN_UNDER_VMAP", 0)
+    op = torch.func.vmap(f, in_dims=in_dims)(W, us, vs)
+    assert calls == [1]   # the operation's batching rule ran its own kernel
+    for a, b in zip(plain, op):
+        torch.testing.assert_close(a, b)
 
 
 @needs_ops
