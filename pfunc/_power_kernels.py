@@ -57,12 +57,12 @@ def iterate_mv(W: Tensor, u: Tensor, v: Tensor, n: int, eps: float) -> tuple[Ten
 
 
 def iterate_rows(W: Tensor, u: Tensor, v: Tensor, n: int, eps: float) -> tuple[Tensor, Tensor]:
-    """torch's scheme with the vectors as one-row left factors (``v^T W^T``, ``u^T W^*``): the same
+    """torch's scheme on ``W (h, w)``, ``u (h,)``, ``v (w,)`` with the vectors as one-row left factors (``v^T W^T``, ``u^T W^*``): the same
     products as :func:`iterate_mv`, in the form whose batched version (what ``vmap`` makes of it)
     is the ``bmm row`` kernel, or one GEMM when ``W`` is shared by the batch."""
     for _ in range(n):
-        u = normalize((v.unsqueeze(-2) @ W.mT).squeeze(-2), eps)
-        v = normalize((u.unsqueeze(-2) @ W.conj()).squeeze(-2), eps)
+        u = normalize(v @ W.mT, eps)  # 1-D @ 2-D: vmap's matmul rule makes it a one-row bmm, no reshapes
+        v = normalize(u @ W.conj(), eps)
     return u, v
 
 

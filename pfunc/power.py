@@ -7,9 +7,13 @@ gradients flow only through the final ``sigma = u^T W v``, as in torch's and
 BigGAN's spectral norm.
 
 Outside ``vmap`` the iteration is torch's own scheme, op for op (bitwise torch's
-spectral norm). Under ``vmap`` and under ``torch.compile`` it is one operation
-(``torch.ops.pfunc.power_iteration``, see :mod:`pfunc._vmap`) whose batching rule runs
-the kernel measured fastest for the device, sizes and dtype on the whole stack at once.
+spectral norm). Under ``vmap`` and under ``torch.compile``, from three iterations a call,
+it is one operation (``torch.ops.pfunc.power_iteration``, see :mod:`pfunc._vmap`) whose
+batching rule runs the kernel measured fastest for the device, sizes and dtype on the
+whole stack at once; one or two iterations run as plain products, which ``vmap`` batches
+(one-row ``bmm`` on CPU) and inductor fuses, for less than the operation's fixed cost
+(:data:`pfunc._power_kernels.PLAIN_UNDER_VMAP`). BigGAN's iteration is the operation under
+``vmap`` and plain ops under ``torch.compile``.
 
 >>> W = torch.diag(torch.tensor([3.0, 1.0]))
 >>> u, v = power_iteration(W, torch.tensor([1.0, 1.0]) / 2**0.5, torch.tensor([1.0, 1.0]) / 2**0.5, 20)
@@ -94,7 +98,7 @@ def sigma(W: Tensor, u: Tensor, v: Tensor) -> Tensor:
     Outside ``vmap``: ``torch.vdot(u, torch.mv(W, v))``, as torch's spectral norm.
     """
     if _rows_under_vmap(W, v):
-        return torch.vdot(u, (v.unsqueeze(-2) @ W.mT).squeeze(-2))
+        return torch.vdot(u, v @ W.mT)
     return torch.vdot(u, torch.mv(W, v))
 
 
