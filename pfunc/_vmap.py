@@ -41,7 +41,9 @@ def is_vmapped(t: Tensor) -> bool:
     return False
 
 
-HAS_OPS = hasattr(torch.library, "register_vmap") and hasattr(torch.library, "custom_op")
+HAS_OPS = hasattr(torch.library, "register_vmap")
+"""torch >= 2.5 (the release whose ``register_vmap`` made Python batching rules of library ops a
+supported use; the kernel below is written the same way). Older torch runs the plain kernels."""
 
 
 def _flatten(W: Tensor, vectors: tuple[Tensor, ...], core: tuple[int, ...]):
