@@ -6,9 +6,14 @@ power iteration (torch's scheme: ``u <- W v / |W v|, v <- W^T u / |W^T u|``, ``s
 * ``pfunc loop``: the same functions in a Python loop over the K matrices;
 * ``torch loop``: K ``Linear(n, n)`` layers under torch's ``spectral_norm`` (training
   mode, ``n_power_iterations`` set), their ``.weight`` read in a loop;
-* ``floor``: the batched iteration written by hand with ``@`` on the stack.
+* ``floor``: the batched iteration written by hand with ``@`` on the stack (one-column
+  products, ``W @ v[..., None]``: what ``vmap`` makes of ``torch.mv``);
+* ``floor rows``: the same with one-row products (``v[:, None] @ W.mT``), the batched
+  product pfunc's kernel choice picks on CPU for stacks that fit the caches.
 
-Inputs: ``W ~ N(0, 1/n)``, ``u, v`` random unit vectors; forward only, under ``torch.no_grad()``.
+Rows: ``power_count`` matrices of ``power_size`` square, and of each of ``power_extra_shapes``
+(``h x w``). Inputs: ``W ~ N(0, 1/w)``, ``u, v`` random unit vectors; forward only, under
+``torch.no_grad()``. ``python -m benchmarks.power_kernels`` sweeps the kernels alone over more sizes.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from .comparison import Comparison, Variant
 from .sizes import Sizes
 from .timing import synchronizer
 
-__all__ = ["comparisons", "normalize_one", "floor_batched", "Problem", "problem"]
+__all__ = ["comparisons", "normalize_one", "floor_batched", "floor_batched_rows", "Problem", "problem"]
 
 FAMILY_NAME = "power_iteration"
 EPS = 1e-12
@@ -50,6 +55,18 @@ def floor_batched(Ws: Tensor, us: Tensor, vs: Tensor, n_iterations: int) -> tupl
     return Ws / sigma.unsqueeze(-1), u, v
 
 
+def floor_batched_rows(Ws: Tensor, us: Tensor, vs: Tensor, n_iterations: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`floor_batched` with the vectors as one-row left factors (``v^T W^T``, ``u^T W``)."""
+    u, v = us, vs
+    for _ in range(n_iterations):
+        u = (v.unsqueeze(-2) @ Ws.mT).squeeze(-2)
+        u = u / u.norm(dim=-1, keepdim=True).clamp_min(EPS)
+        v = (u.unsqueeze(-2) @ Ws).squeeze(-2)
+        v = v / v.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    sigma = ((v.unsqueeze(-2) @ Ws.mT).squeeze(-2) * u).sum(-1, keepdim=True)
+    return Ws / sigma.unsqueeze(-1), u, v
+
+
 def _torch_layers(Ws: Tensor, us: Tensor, vs: Tensor, n_iterations: int) -> list[nn.Module]:
     layers = []
     for W, u, v in zip(Ws, us, vs):
@@ -65,7 +82,7 @@ def _torch_layers(Ws: Tensor, us: Tensor, vs: Tensor, n_iterations: int) -> list
 
 @dataclass
 class Problem:
-    """The stack ``Ws (K, n, n)``, start vectors ``us, vs (K, n)``, and K torch layers holding the same numbers."""
+    """The stack ``Ws (K, h, w)``, start vectors ``us (K, h)``, ``vs (K, w)``, and K torch layers holding the same numbers."""
 
     Ws: Tensor
     us: Tensor
@@ -86,19 +103,21 @@ class Problem:
         )
 
 
-def problem(sizes: Sizes, n_iterations: int, device: torch.device) -> Problem:
-    """``power_count`` matrices ``W ~ N(0, 1/n)`` of size ``power_size``, random unit ``u, v``."""
-    K, n = sizes.power_count, sizes.power_size
+def problem(sizes: Sizes, n_iterations: int, device: torch.device, shape: tuple[int, int] | None = None) -> Problem:
+    """``power_count`` matrices ``W ~ N(0, 1/w)`` of ``shape`` (default ``power_size`` square), random unit ``u, v``."""
+    K = sizes.power_count
+    h, w = shape or (sizes.power_size, sizes.power_size)
     g = torch.Generator().manual_seed(4)
-    Ws = (torch.randn(K, n, n, generator=g) / n**0.5).to(device)
-    us = torch.nn.functional.normalize(torch.randn(K, n, generator=g), dim=-1).to(device)
-    vs = torch.nn.functional.normalize(torch.randn(K, n, generator=g), dim=-1).to(device)
+    Ws = (torch.randn(K, h, w, generator=g) / w**0.5).to(device)
+    us = torch.nn.functional.normalize(torch.randn(K, h, generator=g), dim=-1).to(device)
+    vs = torch.nn.functional.normalize(torch.randn(K, w, generator=g), dim=-1).to(device)
     return Problem(Ws, us, vs, n_iterations, _torch_layers(Ws, us, vs, n_iterations))
 
 
-def comparison(sizes: Sizes, n_iterations: int, device: torch.device) -> Comparison:
-    """The row for ``n_iterations`` iterations per call."""
-    pb = problem(sizes, n_iterations, device)
+def comparison(sizes: Sizes, n_iterations: int, device: torch.device, shape: tuple[int, int] | None = None) -> Comparison:
+    """The row for ``n_iterations`` iterations per call on matrices of ``shape``."""
+    pb = problem(sizes, n_iterations, device, shape)
+    h, w = pb.Ws.shape[-2:]
     Ws, us, vs, K = pb.Ws, pb.us, pb.vs, sizes.power_count
     vmapped = torch.func.vmap(lambda W, u, v: normalize_one(W, u, v, n_iterations))
 
@@ -115,15 +134,21 @@ def comparison(sizes: Sizes, n_iterations: int, device: torch.device) -> Compari
 
     return Comparison(
         family=FAMILY_NAME,
-        labels={"K": str(K), "size": f"{sizes.power_size}x{sizes.power_size}", "iterations": str(n_iterations)},
+        labels={"K": str(K), "size": f"{h}x{w}", "iterations": str(n_iterations)},
         variants={
             "floor": Variant(no_grad(lambda: floor_batched(Ws, us, vs, n_iterations)), tuple),
+            "floor rows": Variant(no_grad(lambda: floor_batched_rows(Ws, us, vs, n_iterations)), tuple),
             "torch loop": Variant(no_grad(pb.torch_weights), pb.torch_view),
             "pfunc loop": Variant(no_grad(pfunc_loop), tuple),
             "pfunc vmap": Variant(no_grad(lambda: vmapped(Ws, us, vs)), tuple),
         },
         reference="floor",
-        ratios=(("pfunc vmap", "pfunc loop"), ("pfunc vmap", "torch loop"), ("pfunc vmap", "floor")),
+        ratios=(
+            ("pfunc vmap", "pfunc loop"),
+            ("pfunc vmap", "torch loop"),
+            ("pfunc vmap", "floor"),
+            ("pfunc vmap", "floor rows"),
+        ),
         rtol=1e-4,
         atol=1e-5,
         sync=synchronizer(device),
@@ -131,7 +156,8 @@ def comparison(sizes: Sizes, n_iterations: int, device: torch.device) -> Compari
 
 
 def comparisons(sizes: Sizes, device: torch.device | str = "cpu") -> Iterator[Comparison]:
-    """One row per iteration count."""
+    """One row per shape and iteration count."""
     device = torch.device(device)
-    for n_iterations in sizes.power_iterations:
-        yield comparison(sizes, n_iterations, device)
+    for shape in ((sizes.power_size, sizes.power_size), *sizes.power_extra_shapes):
+        for n_iterations in sizes.power_iterations:
+            yield comparison(sizes, n_iterations, device, shape)

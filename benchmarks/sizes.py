@@ -23,7 +23,7 @@ class Sizes:
     ``rnn_steps`` steps, batch ``rnn_batch``. Ensembles (item 3): members
     ``ensemble_in -> ensemble_hidden -> ensemble_hidden -> 1``, ``ensemble_batch`` rows each,
     for every N in ``ensemble_sizes``. Power iteration (item 4): ``power_count`` matrices
-    ``power_size`` square, ``power_iterations`` per call. Unet (item 6): ``unet_dim`` base
+    ``power_size`` square (and ``power_extra_shapes``), ``power_iterations`` per call. Unet (item 6): ``unet_dim`` base
     channels, ``unet_image`` pixels square, batch ``unet_batch``, autocast to ``unet_dtype``
     (``None``: float32). Timing: about ``budget_s`` per row, at least ``min_repeats`` rounds.
     """
@@ -42,6 +42,7 @@ class Sizes:
     power_count: int = 16
     power_size: int = 256
     power_iterations: tuple[int, ...] = (1, 15)
+    power_extra_shapes: tuple[tuple[int, int], ...] = ((64, 64), (1024, 256))
     unet_dim: int = 16
     unet_dim_mults: tuple[int, ...] = (1, 2, 4)
     unet_image: int = 32
@@ -55,7 +56,9 @@ class Sizes:
 
 
 CPU_FULL = Sizes()
-CPU_QUICK = replace(CPU_FULL, ensemble_sizes=(8, 32), power_iterations=(1,), budget_s=0.3, min_repeats=5)
+CPU_QUICK = replace(
+    CPU_FULL, ensemble_sizes=(8, 32), power_iterations=(1,), power_extra_shapes=(), budget_s=0.3, min_repeats=5
+)
 CUDA_FULL = replace(
     CPU_FULL,
     width=1024,
@@ -68,6 +71,7 @@ CUDA_FULL = replace(
     compile_ensemble_size=32,  # torch's compiled loop over N modules takes minutes to compile beyond that
     power_count=64,
     power_size=1024,
+    power_extra_shapes=((256, 256), (4096, 1024)),
     unet_dim=64,
     unet_dim_mults=(1, 2, 4, 8),
     unet_image=64,
@@ -76,7 +80,9 @@ CUDA_FULL = replace(
     budget_s=1.0,
     min_repeats=25,
 )
-CUDA_QUICK = replace(CUDA_FULL, ensemble_sizes=(32, 1024), power_iterations=(1,), budget_s=0.3, min_repeats=5)
+CUDA_QUICK = replace(
+    CUDA_FULL, ensemble_sizes=(32, 1024), power_iterations=(1,), power_extra_shapes=(), budget_s=0.3, min_repeats=5
+)
 SMOKE = Sizes(
     width=8,
     depth=2,
@@ -92,6 +98,7 @@ SMOKE = Sizes(
     power_count=3,
     power_size=6,
     power_iterations=(1,),
+    power_extra_shapes=(),
     unet_dim=8,
     unet_dim_mults=(1, 2),
     unet_image=8,

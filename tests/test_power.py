@@ -71,3 +71,31 @@ def test_biggan_iteration_finds_the_top_k_singular_values(seed):
         svs, us, vs = power.biggan_power_iteration(W, us)
     torch.testing.assert_close(svs, torch.linalg.svdvals(W)[:3], rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(us @ us.T, torch.eye(3, dtype=W.dtype), atol=1e-8, rtol=0)  # orthonormal
+
+
+@given(st.integers(0, 2**16), st.integers(1, 3), st.sampled_from([torch.float32, torch.float64]))
+def test_outside_vmap_values_and_vectors_are_bitwise_torchs_spectral_norm(seed, n_iter, dtype):
+    import torch.nn.utils.parametrizations as P
+    from torch import nn
+
+    torch.manual_seed(seed)
+    layer = P.spectral_norm(nn.Linear(9, 6).to(dtype), n_power_iterations=n_iter).train()
+    sn = layer.parametrizations.weight[0]
+    W = layer.parametrizations.weight.original.detach()
+    u, v = sn._u.clone(), sn._v.clone()
+    Wn = layer.weight  # torch's training-mode forward: n_iter iterations written into its buffers
+    u, v = power.power_iteration(W, u, v, n_iter, sn.eps)
+    assert torch.equal(u, sn._u) and torch.equal(v, sn._v)
+    assert torch.equal(W / power.sigma(W, u, v), Wn)
+
+
+def test_power_iteration_detaches_what_autograd_tracks_and_returns_no_graph():
+    W = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    u = power.normalize(torch.randn(5, dtype=torch.float64), 1e-12)
+    v = power.normalize(torch.randn(4, dtype=torch.float64), 1e-12).requires_grad_()
+    u1, v1 = power.power_iteration(W, u, v, 2)
+    assert u1.grad_fn is None and v1.grad_fn is None and not u1.requires_grad and not v1.requires_grad
+    u0, v0 = power.power_iteration(W, u, v, 0)   # no iterations: the vectors as given, detached
+    assert not v0.requires_grad and torch.equal(v0, v) and torch.equal(u0, u)
+    inside = torch.func.grad(lambda W: sum(x.sum() for x in power.power_iteration(W, u, v, 2)))(W)
+    assert torch.equal(inside, torch.zeros_like(W))   # torch.func.grad: the iteration carries no gradient

@@ -264,3 +264,18 @@ def test_num_itrs_in_one_call_equals_as_many_single_iteration_calls_in_training(
         out_one, state_one = one(params, state_one, x, training=True)
     torch.testing.assert_close(out_many, out_one, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(state_many, state_one, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("num_svs", [1, 3])
+def test_ensemble_training_call_equals_each_member_alone(num_svs):
+    """The vmapped BigGAN iteration (one batched operation) gives each member what its solo call gives."""
+    m = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+    net = pf.parametrize(m, {"0.weight": SpectralNorm.biggan(num_svs, 2), "2.weight": SpectralNorm.biggan(num_svs, 1, transpose=True)})
+    params, state = pf.ensemble.init(net, pf.ensemble.generators(0, 4))
+    x = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    out, new_state = pf.ensemble.call(net, params, state, x, training=True)
+    for k in range(4):
+        out_k, state_k = net({n: t[k] for n, t in params.items()}, {n: t[k] for n, t in state.items()}, x, training=True)
+        torch.testing.assert_close(out[k], out_k, rtol=1e-10, atol=1e-12)
+        for n in state_k:
+            torch.testing.assert_close(new_state[n][k], state_k[n], rtol=1e-10, atol=1e-12)

@@ -1,11 +1,15 @@
-"""pfunc._vmap: vmap detection at any functorch level, and the CPU matrix-vector products."""
+"""pfunc._vmap: vmap detection at any functorch level, and the power iteration as one operation with a batching rule."""
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pfunc._vmap import is_vmapped, mv, mv_adjoint
+from pfunc import _power_kernels as kernels
+from pfunc import power
+from pfunc._vmap import HAS_OPS, is_vmapped
+
+needs_ops = pytest.mark.skipif(not HAS_OPS, reason="torch.library.register_vmap needs torch >= 2.5")
 
 
 def _seen(transform, x):
@@ -29,36 +33,184 @@ def test_is_vmapped_sees_vmap_at_any_level_and_only_vmap():
     assert is_vmapped(torch.nn.Parameter(x)) is False
 
 
-@given(h=st.integers(1, 6), w=st.integers(1, 6), n=st.integers(1, 4), seed=st.integers(0, 2**16))
-def test_vmapped_products_equal_a_loop_of_torch_mv(h, w, n, seed):
+def _problem(B, h, w, seed, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    W, x, y = torch.randn(n, h, w, generator=g), torch.randn(n, w, generator=g), torch.randn(n, h, generator=g)
-    torch.testing.assert_close(torch.func.vmap(mv)(W, x), torch.stack([torch.mv(W[i], x[i]) for i in range(n)]))
-    torch.testing.assert_close(
-        torch.func.vmap(mv_adjoint)(W, y), torch.stack([torch.mv(W[i].mT, y[i]) for i in range(n)])
-    )
+    Ws = torch.randn(B, h, w, generator=g, dtype=dtype)
+    us = power.normalize(torch.randn(B, h, generator=g, dtype=dtype), 1e-12)
+    vs = power.normalize(torch.randn(B, w, generator=g, dtype=dtype), 1e-12)
+    return Ws, us, vs
 
 
-def test_outside_vmap_the_products_are_torch_mv_bitwise():
-    W, x, y = torch.randn(7, 5), torch.randn(5), torch.randn(7)
-    assert torch.equal(mv(W, x), torch.mv(W, x))
-    assert torch.equal(mv_adjoint(W, y), torch.mv(W.mH, y))
+def _loop(Ws, us, vs, n):
+    pairs = [kernels.iterate_mv(W, u, v, n, 1e-12) for W, u, v in zip(Ws, us, vs)]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
-def test_complex_matrices_keep_the_conjugate_transpose_under_vmap():
-    W = torch.randn(2, 3, 4, dtype=torch.complex128)
-    y = torch.randn(2, 3, dtype=torch.complex128)
-    expected = torch.stack([torch.mv(W[i].mH, y[i]) for i in range(2)])
-    torch.testing.assert_close(torch.func.vmap(mv_adjoint)(W, y), expected)
+@given(
+    kernel=st.sampled_from(kernels.KERNELS),
+    B=st.integers(1, 5), h=st.integers(1, 7), w=st.integers(1, 7), n=st.integers(1, 4), seed=st.integers(0, 2**16),
+)
+def test_every_batched_kernel_equals_a_loop_of_torchs_iteration(kernel, B, h, w, n, seed):
+    Ws, us, vs = _problem(B, h, w, seed)
+    for got, expected in zip(kernels.iterate_batched(Ws, us, vs, n, 1e-12, kernel), _loop(Ws, us, vs, n)):
+        torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_gradients_flow_through_the_products(batched):
-    W, x = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
-    f = lambda W, x: mv(W, x).pow(2).sum()  # noqa: E731
-    if batched:
-        g = torch.func.vmap(torch.func.grad(f))(W, x)
-    else:
-        g = torch.stack([torch.func.grad(f)(W[i], x[i]) for i in range(2)])
-    expected = torch.stack([2 * torch.outer(W[i] @ x[i], x[i]) for i in range(2)])
-    torch.testing.assert_close(g, expected)
+@pytest.mark.parametrize("kernel", kernels.KERNELS)
+def test_every_batched_kernel_keeps_the_conjugate_transpose_of_complex_matrices(kernel):
+    Ws, us, vs = (x.to(torch.complex128) for x in _problem(3, 5, 4, 0))
+    Ws = Ws + 1j * torch.randn(Ws.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for got, expected in zip(kernels.iterate_batched(Ws, us, vs, 3, 1e-12, kernel), _loop(Ws, us, vs, 3)):
+        torch.testing.assert_close(got, expected)
+
+
+@needs_ops
+@pytest.mark.parametrize("kernel", kernels.KERNELS)
+def test_the_vmapped_iteration_runs_the_chosen_kernel_and_equals_the_loop(kernel, monkeypatch):
+    chosen = []
+
+    def pick(device, dtype, B, h, w):
+        chosen.append((device.type, dtype, B, h, w))
+        return kernel
+
+    monkeypatch.setattr(kernels, "batched_kernel", pick)
+    Ws, us, vs = _problem(6, 5, 4, 3, dtype=torch.float32)
+    batched = torch.func.vmap(lambda W, u, v: power.power_iteration(W, u, v, 4))(Ws, us, vs)
+    assert chosen == [("cpu", torch.float32, 6, 5, 4)]   # one call for the whole stack
+    for got, expected in zip(batched, _loop(Ws, us, vs, 4)):
+        torch.testing.assert_close(got, expected)
+
+
+# in_dims of (W, u, v); None: shared by every member
+IN_DIMS = [(0, 0, 0), (None, 0, 0), (0, None, None), (1, 0, None), (None, None, 1)]
+
+
+@needs_ops
+@pytest.mark.parametrize("in_dims", IN_DIMS)
+def test_the_batching_rule_equals_the_loop_for_batched_and_shared_inputs(in_dims):
+    B, h, w = 4, 6, 5
+    g = torch.Generator().manual_seed(0)
+    full = {"W": torch.randn(B, h, w, generator=g, dtype=torch.float64),
+            "u": torch.randn(B, h, generator=g, dtype=torch.float64),
+            "v": torch.randn(B, w, generator=g, dtype=torch.float64)}
+    args = []
+    for (name, x), d in zip(full.items(), in_dims):
+        args.append(x[0] if d is None else x.movedim(0, d))
+    member = lambda i: [x[0] if d is None else x[i] for x, d in zip(full.values(), in_dims)]  # noqa: E731
+    f = lambda W, u, v: power.power_iteration(W, u, v, 3)  # noqa: E731
+    batched = torch.func.vmap(f, in_dims=in_dims)(*args)
+    looped = [f(*member(i)) for i in range(B)]
+    for k in range(2):
+        torch.testing.assert_close(batched[k], torch.stack([r[k] for r in looped]))
+
+
+@needs_ops
+@pytest.mark.parametrize("inner", [(0, 0, 0), (None, 0, 0)])
+@pytest.mark.parametrize("outer", [(0, 0, 0), (None, 0, 0)])
+def test_nested_vmap_equals_the_double_loop(inner, outer):
+    g = torch.Generator().manual_seed(1)
+    Ws = torch.randn(3, 4, 6, 5, generator=g, dtype=torch.float64)
+    us, vs = torch.randn(3, 4, 6, generator=g, dtype=torch.float64), torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    W_arg = Ws if outer[0] == 0 else Ws[0]
+    W_arg = W_arg if inner[0] == 0 else W_arg.select(-3, 0)
+    f = lambda W, u, v: power.power_iteration(W, u, v, 3)  # noqa: E731
+    got = torch.func.vmap(torch.func.vmap(f, in_dims=inner), in_dims=outer)(W_arg, us, vs)
+    for j in range(3):
+        for i in range(4):
+            W = Ws[j if outer[0] == 0 else 0, i if inner[0] == 0 else 0]
+            expected = f(W, us[j, i], vs[j, i])
+            torch.testing.assert_close(got[0][j, i], expected[0])
+            torch.testing.assert_close(got[1][j, i], expected[1])
+
+
+@needs_ops
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("in_dims", [(0, 0, 0), (None, 0, 0)])
+def test_few_iterations_under_vmap_run_plain_row_products_equal_to_the_operation(n, in_dims, monkeypatch):
+    Ws, us, vs = _problem(5, 6, 4, 11)
+    W = Ws if in_dims[0] == 0 else Ws[0]
+    f = lambda W, u, v: power.power_iteration(W, u, v, n)  # noqa: E731
+    calls = []
+    real = kernels.iterate_rows
+    monkeypatch.setattr(kernels, "iterate_rows", lambda *a: calls.append(1) or real(*a))
+    plain = torch.func.vmap(f, in_dims=in_dims)(W, us, vs)
+    assert calls == [1]   # below the operation's fixed cost: vmap batches the row products itself
+    monkeypatch.setattr(kernels, "PLAIN_UNDER_VMAP", 0)
+    op = torch.func.vmap(f, in_dims=in_dims)(W, us, vs)
+    assert calls == [1]   # the operation's batching rule ran its own kernel
+    for a, b in zip(plain, op):
+        torch.testing.assert_close(a, b)
+
+
+@needs_ops
+@pytest.mark.parametrize("shared", [False, True])
+def test_vmapped_biggan_iteration_equals_the_loop(shared):
+    Ws, _, _ = _problem(4, 7, 6, 2)
+    us = torch.randn(4, 3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    in_dims = (None, 0) if shared else (0, 0)
+    got = torch.func.vmap(power.biggan_power_iteration, in_dims=in_dims)(Ws[0] if shared else Ws, us)
+    for i in range(4):
+        expected = power.biggan_power_iteration(Ws[0] if shared else Ws[i], us[i])
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a[i], b)
+
+
+@needs_ops
+def test_gradients_reach_w_only_through_sigma_and_equal_under_vmap_and_grad():
+    Ws, us, vs = _problem(5, 6, 4, 7)
+
+    def sn(W, u, v):
+        u, v = power.power_iteration(W, u, v, 2)
+        return power.sigma(W, u, v)
+
+    per_member = torch.stack([torch.func.grad(sn)(Ws[i], us[i], vs[i]) for i in range(5)])
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(sn))(Ws, us, vs), per_member)
+    torch.testing.assert_close(torch.func.grad(lambda W: torch.func.vmap(sn)(W, us, vs).sum())(Ws), per_member)
+    u, v = _loop(Ws, us, vs, 2)
+    torch.testing.assert_close(per_member, u.unsqueeze(-1) * v.unsqueeze(-2))   # d sigma / dW = u v^T
+
+
+@needs_ops
+def test_the_operations_pass_torchs_custom_op_checks():
+    Ws, us, vs = _problem(3, 5, 4, 0, dtype=torch.float32)
+    for args in [(Ws[0], us[0], vs[0], 2, 1e-12), (Ws, us, vs, 1, 1e-12), (Ws[0], us, vs, 3, 1e-12)]:
+        torch.library.opcheck(torch.ops.pfunc.power_iteration.default, args)
+    for args in [(Ws[0], us[:2], 1e-12), (Ws, us.unsqueeze(1).expand(3, 2, 5).contiguous(), 1e-12)]:
+        torch.library.opcheck(torch.ops.pfunc.biggan_power_iteration.default, args)
+
+
+def test_cpu_rule_batches_small_stacks_and_loops_over_stacks_beyond_the_caches():
+    cpu = torch.device("cpu")
+    assert kernels.batched_kernel(cpu, torch.float32, 16, 256, 256) == "bmm row"
+    assert kernels.batched_kernel(cpu, torch.float32, 64, 64, 64) == "bmm row"
+    assert kernels.batched_kernel(cpu, torch.float32, 64, 256, 256) == "bmm row"  # 16 MiB: still cached
+    assert kernels.batched_kernel(cpu, torch.float32, 64, 512, 512) == "loop"     # 64 MiB of 1 MiB matrices
+    assert kernels.batched_kernel(cpu, torch.float32, 32, 256, 1024) == "loop"    # 32 MiB of 1 MiB matrices
+    assert kernels.batched_kernel(cpu, torch.float64, 1024, 64, 64) == "bmm row"  # 32 MiB of 32 KiB matrices
+    assert kernels.batched_kernel(torch.device("cuda"), torch.float32, 64, 512, 512) == "bmm"  # one launch
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_keeps_the_batched_product_and_equals_the_loop():
+    Ws, us, vs = (x.cuda() for x in _problem(8, 32, 16, 0))
+    got = torch.func.vmap(lambda W, u, v: power.power_iteration(W, u, v, 3))(Ws, us, vs)
+    for a, b in zip(got, _loop(Ws, us, vs, 3)):
+        torch.testing.assert_close(a, b)
+
+
+@needs_ops
+@pytest.mark.compile
+def test_vmapped_spectral_norm_compiles_to_one_graph_holding_the_operation():
+    Ws, us, vs = _problem(4, 6, 5, 0, dtype=torch.float32)
+
+    def sn(W, u, v):
+        u, v = power.power_iteration(W, u, v, 3)
+        return W / power.sigma(W, u, v), u, v
+
+    f = lambda Ws, us, vs: torch.func.vmap(sn)(Ws, us, vs)  # noqa: E731
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(f)(Ws, us, vs)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    assert "pfunc.power_iteration" in "".join(g.print_readable(print_output=False) for g in explained.graphs)
+    for got, expected in zip(torch.compile(f, backend="aot_eager")(Ws, us, vs), f(Ws, us, vs)):
+        torch.testing.assert_close(got, expected)

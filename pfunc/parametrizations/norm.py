@@ -117,7 +117,7 @@ class SpectralNorm:
         dim = (self.dim or 0) % W.ndim
         if dim != 0:
             W = W.permute(dim, *(d for d in range(W.ndim) if d != dim))
-        return W.flatten(1)
+        return W if W.ndim == 2 else W.flatten(1)  # a matrix is its own view (no dispatch per call)
 
     # -- the protocol -----------------------------------------------------------------
     def init_state(self, W: Tensor, *, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
