@@ -47,11 +47,11 @@ from .config import ConfigError, TrainConfig
 from .data import BadImageError, BatchOrder
 from .data_parallel import DEFAULT_TIMEOUT_S, DataParallel, RankFailure, choose_backend, random_streams, rank_device, start_data_parallel
 from .folders import FolderError, new_timestamped_folder
-from .interrupt import StopRequest
+from .interrupt import StopNow, StopRequest
 from .model import build_model
 from .run_outputs import LOSSES, RunTimes, finish_run, read_losses, truncate_losses
 from .train_args import DEFAULT_BACKEND, build_parser, check_launch_flags, resolve_config
-from .train_plan import SHAPES_TRAIN_SEED, Plan, load_data, prepare, resume_hint, warn_skipped
+from .train_plan import SHAPES_TRAIN_SEED, Plan, load_data, prepare, resume_hint, say_notes
 from .training import Generators, TrainState, draw_micro_batch, make_grad_fn, make_loss_fn, make_optimizer, train_step
 from .training_checkpoint import CHECKPOINT, make_payload, restore
 
@@ -59,12 +59,25 @@ __all__ = ["build_parser", "resolve_config", "resolve_device", "build_model", "l
 
 
 # ------------------------------------------------------------------------------ main
-_INTERRUPTED_BEFORE = "\ninterrupted before training started: nothing was written"
 _INTERRUPTED_AT_ONCE = "\ninterrupted: stopped at once; every checkpoint is written atomically, so the last one written is intact"
+_PREPARING = "stopping now, before training starts: nothing is written"
+_COMPILING = ("torch.compile is compiling the first step, which can take minutes and cannot be cut at a step boundary: "
+              "stopping as soon as the compiler hands back control; nothing trained is lost")
+
+
+def _stopped_before(e: BaseException) -> str:
+    """What a stop before the first training step says (a first signal, or a second Ctrl-C)."""
+    name = e.args[0] if isinstance(e, StopNow) else "SIGINT"
+    return f"{name}: stopped before training started: nothing was written"
+
+
+def _status(e: BaseException) -> int:
+    return e.exit_status if isinstance(e, StopNow) else 130
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the CLI; returns the exit status (1 for a bad file, folder or checkpoint, 130 after Ctrl-C).
+    """Run the CLI; returns the exit status (1 for a bad file, folder or checkpoint, 130 after Ctrl-C, 143 after
+    SIGTERM).
 
     Bad flags exit through ``SystemExit(2)`` (argparse's convention) with one line naming the flag.
     Under torchrun (``RANK``/``WORLD_SIZE`` set) every process trains its slice; rank 0 speaks for all.
@@ -78,29 +91,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _main_ranks(parser, argv, launch)
     args = parser.parse_args(argv)
     t_start = time.perf_counter()
-    try:
-        check_launch_flags(args, None)
-        plan, refusal = _checked_plan(args, parser)
-    except ConfigError as e:
-        parser.error(str(e))
-    except KeyboardInterrupt:
-        print(_INTERRUPTED_BEFORE, file=sys.stderr)
-        return 130
-    if refusal is not None:
-        status, message = refusal
-        if status == 2:
-            parser.exit(2, message + "\n")  # argparse's way out for a bad flag: SystemExit(2)
-        print(message, file=sys.stderr)
-        return status
-    if plan.done is not None:
-        print(plan.done)
-        return 0
-    warn_skipped(plan)
-    try:
-        return _train(args, parser, plan, t_start)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the guarded loops
-        print(_INTERRUPTED_AT_ONCE, file=sys.stderr)
-        return 130
+    with StopRequest() as stop:
+        try:
+            with stop.phase(_PREPARING, at_once=True):
+                check_launch_flags(args, None)
+                plan, refusal = _checked_plan(args, parser)
+        except ConfigError as e:
+            parser.error(str(e))
+        except (KeyboardInterrupt, StopNow) as e:
+            print(_stopped_before(e), file=sys.stderr)
+            return _status(e)
+        if refusal is not None:
+            status, message = refusal
+            if status == 2:
+                parser.exit(2, message + "\n")  # argparse's way out for a bad flag: SystemExit(2)
+            print(message, file=sys.stderr)
+            return status
+        if plan.done is not None:
+            print(plan.done)
+            return 0
+        say_notes(plan)
+        try:
+            return _train(args, parser, plan, t_start, stop)
+        except StopNow as e:  # while the run folder was being made (and was removed)
+            print(_stopped_before(e), file=sys.stderr)
+            return e.exit_status
+        except KeyboardInterrupt:  # a second Ctrl-C, or one outside the guarded loops
+            print(_INTERRUPTED_AT_ONCE, file=sys.stderr)
+            return 130
 
 
 def _checked_plan(args: argparse.Namespace, parser: argparse.ArgumentParser,
@@ -131,32 +149,44 @@ def _main_ranks(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], 
             parser.error(str(e))
         let_the_reporting_rank_speak()
         return 2
-    try:
-        dp = start_data_parallel(launch, device, backend, timeout_s=args.dist_timeout or DEFAULT_TIMEOUT_S, zero=bool(args.zero),
-                                 bucket_cap_mb=args.bucket_cap_mb or pf.distributed.DEFAULT_BUCKET_CAP_MB)
-    except LaunchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    try:
-        return _run_ranks(args, parser, dp, t_start)
-    except RankFailure as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        if dp.is_writer:
-            print(_INTERRUPTED_AT_ONCE, file=sys.stderr)
-        return 130
-    finally:
-        dp.close()
+    with StopRequest(announce=launch.is_writer) as stop:
+        try:
+            with stop.phase(_PREPARING, at_once=True):
+                dp = start_data_parallel(launch, device, backend, timeout_s=args.dist_timeout or DEFAULT_TIMEOUT_S,
+                                         zero=bool(args.zero), bucket_cap_mb=args.bucket_cap_mb or pf.distributed.DEFAULT_BUCKET_CAP_MB)
+        except LaunchError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except (KeyboardInterrupt, StopNow) as e:
+            if launch.is_writer:
+                print(_stopped_before(e), file=sys.stderr)
+            return _status(e)
+        try:
+            return _run_ranks(args, parser, dp, t_start, stop)
+        except RankFailure as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except StopNow as e:
+            if dp.is_writer:
+                print(_stopped_before(e), file=sys.stderr)
+            return e.exit_status
+        except KeyboardInterrupt:
+            if dp.is_writer:
+                print(_INTERRUPTED_AT_ONCE, file=sys.stderr)
+            return 130
+        finally:
+            dp.close()
 
 
-def _run_ranks(args: argparse.Namespace, parser: argparse.ArgumentParser, dp: DataParallel, t_start: float) -> int:
+def _run_ranks(args: argparse.Namespace, parser: argparse.ArgumentParser, dp: DataParallel, t_start: float,
+               stop: StopRequest) -> int:
     try:
-        plan, outcome = _checked_plan(args, parser, dp)
-    except KeyboardInterrupt:
+        with stop.phase(_PREPARING, at_once=True):
+            plan, outcome = _checked_plan(args, parser, dp)
+    except (KeyboardInterrupt, StopNow) as e:
         if dp.is_writer:
-            print(_INTERRUPTED_BEFORE, file=sys.stderr)
-        return 130
+            print(_stopped_before(e), file=sys.stderr)
+        return _status(e)
     outcomes = dp.gather(outcome, "agreeing on the checks")
     failed = [o for o in outcomes if o is not None]
     if failed:  # every rank stops; rank 0 says why, another rank only what rank 0 did not say
@@ -168,8 +198,8 @@ def _run_ranks(args: argparse.Namespace, parser: argparse.ArgumentParser, dp: Da
             print(plan.done)
         return 0
     if dp.is_writer:
-        warn_skipped(plan)
-    return _train(args, parser, plan, t_start, dp)
+        say_notes(plan)
+    return _train(args, parser, plan, t_start, stop, dp)
 
 
 # ------------------------------------------------------------------------------ training
@@ -236,14 +266,14 @@ def _start(plan: Plan, cfg: TrainConfig, device: torch.device, gens: Generators,
             shutil.rmtree(run_dir, ignore_errors=True)
             print(f"error: cannot write in the new run folder {run_dir}: {e}; removed it", file=sys.stderr)
         return None, run_dir, 1
-    except KeyboardInterrupt:  # before the loop that turns Ctrl-C into a clean stop: leave no half-made folder
+    except (KeyboardInterrupt, StopNow):  # before the loop that turns a signal into a clean stop: leave no half-made folder
         if writer:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     return ts, run_dir, 0
 
 
-def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: Plan, t_start: float,
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: Plan, t_start: float, stop: StopRequest,
            dp: Optional[DataParallel] = None) -> int:
     cfg, device, net = plan.cfg, plan.device, plan.net
     writer = dp is None or dp.is_writer
@@ -255,7 +285,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: Plan
         noise=torch.Generator(device=device).manual_seed(cfg.seed + 2),
         coin=torch.Generator().manual_seed(cfg.seed + 4),
     )
-    ts, run_dir, status = _start(plan, cfg, device, gens, args, parser, dp)
+    with stop.phase(_PREPARING, at_once=True):
+        ts, run_dir, status = _start(plan, cfg, device, gens, args, parser, dp)
     if ts is None:
         return status
     created = plan.payload is None and writer
@@ -307,17 +338,28 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: Plan
         return train_step(ts, grad_fn, micro, max_grad_norm=cfg.max_grad_norm, ema_decay=cfg.ema_decay,
                           ema_every=cfg.ema_every, ema_after=cfg.ema_after, average=average)
 
+    compiling = cfg.compile  # the first step compiles: a stop then is at once (nothing is saved, nothing lost)
+
+    def first_or_next_step() -> float:
+        nonlocal compiling
+        if not compiling:
+            return step() if dp is None else dp.collective("the training step", step)
+        with stop.phase(_COMPILING, at_once=True):
+            loss = step() if dp is None else dp.collective("the training step", step)
+        compiling = False
+        return loss
+
     bar = progress(cfg.steps, initial=start_step, desc="train", unit="step", log_every=cfg.log_every) if writer else _Silent()
     t_train = time.perf_counter()
     try:
-        with StopRequest() as stop, (open(run_dir / LOSSES, "a") if writer else contextlib.nullcontext()) as log:
+        with (open(run_dir / LOSSES, "a") if writer else contextlib.nullcontext()) as log:
             agreed_stop = False
             while ts.step < cfg.steps and not (stop.requested if dp is None else agreed_stop):
                 if dp is None:
-                    loss = step()
+                    loss = first_or_next_step()
                 else:
                     before = ts.state
-                    loss = dp.collective("the training step", step)
+                    loss = first_or_next_step()
                     loss, agreed_stop = dp.agree(loss, stop.requested)  # the global mean; any rank's Ctrl-C stops all
                     ts.state = dp.sync_buffers(before, ts.state)
                 if not math.isfinite(loss):
@@ -331,7 +373,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: Plan
                 bar.update(1, loss=loss, **{"img/s": (ts.step - start_step) * images_per_step / max(elapsed, 1e-9)})
                 if ts.step % cfg.checkpoint_every == 0 or ts.step == cfg.steps:
                     save()
-            if stop.requested or agreed_stop:
+            if (stop.requested or agreed_stop) and ts.step < cfg.steps:  # after the last step: the sampling says it
                 if saved_step != ts.step:
                     save()
                 bar.close()
@@ -355,6 +397,16 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: Plan
         print(f"error: cannot write {run_dir / LOSSES}: {e.strerror or e}; training stopped at step {ts.step}; {last_checkpoint()}",
               file=sys.stderr)
         return 1
+    except StopNow as e:  # while compiling the first step: nothing of this call's training to save
+        bar.close()
+        if created and saved_step is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            say(f"{e}: stopped while compiling the first step, before any training: removed {run_dir}; "
+                f"run the same command again to start over", file=sys.stderr)
+        else:
+            say(f"{e}: stopped while compiling, before step {saved_step + 1} was trained; {last_checkpoint()}; "
+                f"resume with: {resume_hint(run_dir, dp)}", file=sys.stderr)
+        return e.exit_status
     except KeyboardInterrupt:
         bar.close()
         if created and saved_step is None:
@@ -372,7 +424,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: Plan
         dp.close(together=True)  # the training is over: rank 0 samples and scores alone
         if not writer:
             return 0
-    return finish_run(run_dir, cfg, net, diffusion, ts, data, device, times)
+    return finish_run(run_dir, cfg, net, diffusion, ts, data, device, times, stop, score=plan.score)
 
 
 if __name__ == "__main__":

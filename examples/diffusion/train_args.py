@@ -19,15 +19,25 @@ import os
 from typing import Any, Optional
 
 import pfunc as pf
+from examples.commands import python_command
 
 from .cli import ShortErrorParser
 from .config import PRESETS, RUN_OPTIONS, ConfigError, TrainConfig, config_differences, flag, validate
 from .data_parallel import DEFAULT_TIMEOUT_S
 
-__all__ = ["PROG", "SAMPLE_PROG", "DEFAULT_BACKEND", "build_parser", "resolve_config", "steps_for_epochs", "check_launch_flags", "check_world_size"]
+__all__ = ["train_command", "sample_command", "DEFAULT_BACKEND", "build_parser", "resolve_config", "steps_for_epochs",
+           "check_launch_flags", "check_world_size"]
 
-PROG = "python -m examples.diffusion.train"
-SAMPLE_PROG = "python -m examples.diffusion.sample"
+
+def train_command() -> str:
+    """The training command as this process was started (``.venv/bin/python -m examples.diffusion.train``)."""
+    return python_command("examples.diffusion.train")
+
+
+def sample_command() -> str:
+    """The sampling command, with this process's interpreter (``.venv/bin/python -m examples.diffusion.sample``)."""
+    return python_command("examples.diffusion.sample")
+
 DEFAULT_BACKEND = "inductor"
 _LAUNCH_FLAGS = ("backend", "dist_timeout", "zero", "bucket_cap_mb")
 
@@ -51,10 +61,10 @@ def _mults(text: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     """The CLI. Every config flag defaults to ``None`` so that :func:`resolve_config` knows what was given."""
     p = ShortErrorParser(
-        prog=PROG,
+        prog=train_command(),
         description="Train the classic DDPM Unet (Ho et al.; the denoising-diffusion-pytorch layout) functionally "
         "(torch.func + pfunc parametrizations) on embedded procedurally drawn shapes or a folder of images, then "
-        f"sample and score it. New samples from a trained run: {SAMPLE_PROG} RUN.",
+        f"sample and score it. New samples from a trained run: {sample_command()} RUN.",
     )
     run = p.add_argument_group("run")
     run.add_argument("--preset", choices=sorted(PRESETS), default=None,
