@@ -73,7 +73,7 @@ class StopRequest:
         self._previous_wakeup: Optional[int] = None
         self._pipe: Optional[tuple[int, int]] = None
         self._watcher: Optional[threading.Thread] = None
-        self._acknowledged = False
+        self._acknowledged = threading.Lock()
 
     @property
     def requested(self) -> bool:
@@ -115,15 +115,15 @@ class StopRequest:
                 raise KeyboardInterrupt  # the second Ctrl-C: stop now
             return
         self.signal = signum
-        if self._watcher is None:  # no wakeup fd: acknowledge from here
-            self._acknowledge(signum)
+        self._acknowledge(signum)  # here, if the watcher was not first: the main thread knows what it is doing
         if self._at_once:
             raise StopNow(signum)
 
     def _acknowledge(self, signum: int) -> None:
-        if self._acknowledged or not self.announce:
+        """Print what the first signal does, once: the main thread's handler or the watcher, whichever comes first
+        (a non-blocking lock, never released: safe inside a signal handler)."""
+        if not self.announce or not self._acknowledged.acquire(blocking=False):
             return
-        self._acknowledged = True
         text = f"\n{signal.Signals(signum).name} received: {self.doing}\n"
         try:
             os.write(2, text.encode())  # not sys.stderr: its buffer may be mid-write in the main thread
