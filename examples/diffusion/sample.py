@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-images", action="store_true",
                    help="with --score on a folder data set: leave out image files that cannot be read instead of stopping")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: one per idle core: the core count less the load average)")
+                   help="CPU threads for torch (default: one per core found idle over half a second at start-up)")
     return p
 
 

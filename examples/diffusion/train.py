@@ -15,8 +15,12 @@ Everything lands in ``<results-dir>/<timestamp>_<dataset>_<size>px_dim<dim>/``:
 
 Every flag, the checkpoint (on ``--resume``), the output folder and the data are checked
 before any work and before the run folder exists: a bad value is one line naming the flag
-(exit status 2), a bad file or folder one line naming it (exit status 1). Ctrl-C saves a
-checkpoint at the end of the current step and prints how to resume (exit status 130).
+(exit status 2), a bad file or folder one line naming it (exit status 1). Ctrl-C, or the SIGTERM
+a batch scheduler sends, is acknowledged at once, saves a checkpoint at the end of the current step
+and prints a resume command that runs as printed (exit status 130, 143 for SIGTERM); before the
+first step, while ``torch.compile`` compiles it, and while sampling at the end, the run stops at once
+instead (:mod:`.interrupt`): nothing of value is lost there. ``--preset gpu`` without a GPU is refused
+unless ``--device cpu`` asks for the CPU.
 
 Under torchrun (:mod:`.data_parallel`) every rank runs this loop on its slice of each global
 batch; rank 0 alone writes and prints; a failed rank makes the others stop with one line.

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto",
                      help="'auto' (the first CUDA device, else CPU; the default), 'cpu', 'cuda', 'cuda:N' or 'mps'")
     run.add_argument("--threads", type=int, default=None,
-                     help="CPU threads for torch (default: one per idle core: the core count less the load average, "
+                     help="CPU threads for torch (default: one per core found idle over half a second at start-up, "
                      "since threads fighting other jobs for the cores run about ten times slower; the run says so)")
     run.add_argument("--seed", type=int, help="seed of the model init, batch order, noise and sampling, in [0, 2**63)" + _preset_note("seed"))
     run.add_argument("--results-dir", default="results", help="parent folder of the timestamped run folder (default: results)")
