@@ -35,29 +35,28 @@ import math
 import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
 import pfunc as pf
-from examples.images import save_image_grid
 from examples.progress import progress
 from examples.torchrun import Launch, LaunchError, launch_from_env, let_the_reporting_rank_speak, silenced
 
 from .checkpoint import CheckpointError, save_checkpoint
 from .cli import resolve_device
-from .config import ConfigError, TrainConfig
+from .config import ConfigError
 from .data import BadImageError, BatchOrder
 from .data_parallel import DEFAULT_TIMEOUT_S, DataParallel, RankFailure, choose_backend, random_streams, rank_device, start_data_parallel
-from .folders import FolderError, new_timestamped_folder
+from .folders import FolderError
 from .interrupt import StopNow, StopRequest
 from .model import build_model
-from .run_outputs import LOSSES, RunTimes, finish_run, read_losses, truncate_losses
+from .run_outputs import LOSSES, RunTimes, finish_run, read_losses
 from .train_args import DEFAULT_BACKEND, build_parser, check_launch_flags, resolve_config
 from .train_plan import SHAPES_TRAIN_SEED, Plan, load_data, prepare, resume_hint, say_notes
-from .training import Generators, TrainState, draw_micro_batch, make_grad_fn, make_loss_fn, make_optimizer, train_step
-from .training_checkpoint import CHECKPOINT, make_payload, restore
+from .run_start import start_run
+from .training import Generators, draw_micro_batch, make_grad_fn, make_loss_fn, train_step
+from .training_checkpoint import CHECKPOINT, make_payload
 
 __all__ = ["build_parser", "resolve_config", "resolve_device", "build_model", "load_data", "read_losses", "main", "SHAPES_TRAIN_SEED"]
 
@@ -217,66 +216,6 @@ class _Silent:
         pass
 
 
-def _start(plan: Plan, cfg: TrainConfig, device: torch.device, gens: Generators, args: argparse.Namespace,
-           parser: argparse.ArgumentParser, dp: Optional[DataParallel]) -> tuple[Optional[TrainState], Optional[Path], int]:
-    """``(train state, run folder, exit status)``: restored from the checkpoint, or new in a new run folder (rank 0 makes
-    it); the state is ``None`` when the run cannot start (the message is printed; the status says how it ended)."""
-    writer = dp is None or dp.is_writer
-    net = plan.net
-    factory = make_optimizer if dp is None else dp.make_optimizer
-    if plan.payload is not None:
-        run_dir = plan.run_dir
-        where = str(run_dir / CHECKPOINT)
-        try:
-            ts = restore(plan.payload, net, cfg, device, gens, where, factory)
-        except ConfigError as e:  # the same on every rank: rank 0 says it
-            if dp is None:
-                parser.error(str(e))
-            if writer:
-                print(f"error: {e}\n({parser.prog} --help explains every flag)", file=sys.stderr)
-            return None, run_dir, 2
-        except CheckpointError as e:
-            if writer:
-                print(f"error: {e}", file=sys.stderr)
-            return None, run_dir, 1
-        if writer:
-            try:
-                truncate_losses(run_dir / LOSSES, ts.step)
-            except OSError as e:
-                print(f"error: cannot rewrite {run_dir / LOSSES}: {e.strerror or e}", file=sys.stderr)
-                return None, run_dir, 1
-            print(f"resuming {run_dir} at step {ts.step}/{cfg.steps}")
-        return ts, run_dir, 0
-    run_dir = None
-    if writer:
-        try:
-            run_dir = new_timestamped_folder(args.results_dir, f"{cfg.dataset}_{cfg.image_size}px_dim{cfg.dim}")
-        except OSError as e:
-            print(f"error: cannot create the run folder under --results-dir {args.results_dir!r}: {e.strerror or e}", file=sys.stderr)
-    if dp is not None:
-        run_dir = dp.from_writer(run_dir, "hearing the run folder from rank 0")
-    if run_dir is None:
-        return None, None, 1
-    try:
-        p0, s0 = net.init(generator=torch.Generator().manual_seed(cfg.seed))
-        params = {k: v.to(device).detach().requires_grad_(True) for k, v in p0.items()}
-        state = {k: v.to(device) for k, v in s0.items()}
-        ema = {k: v.detach().clone() for k, v in params.items()}
-        ts = TrainState(params, state, ema, factory(params, cfg.lr, cfg.weight_decay), 0)
-        if writer:
-            save_image_grid(run_dir / "data.png", plan.data[: cfg.num_samples].cpu(), nrow=int(math.sqrt(cfg.num_samples)) or 1, scale=4)
-    except (OSError, ValueError) as e:
-        if writer:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            print(f"error: cannot write in the new run folder {run_dir}: {e}; removed it", file=sys.stderr)
-        return None, run_dir, 1
-    except (KeyboardInterrupt, StopNow):  # before the loop that turns a signal into a clean stop: leave no half-made folder
-        if writer:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    return ts, run_dir, 0
-
-
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: Plan, t_start: float, stop: StopRequest,
            dp: Optional[DataParallel] = None) -> int:
     cfg, device, net = plan.cfg, plan.device, plan.net
@@ -290,7 +229,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: Plan
         coin=torch.Generator().manual_seed(cfg.seed + 4),
     )
     with stop.phase(_PREPARING, at_once=True):
-        ts, run_dir, status = _start(plan, cfg, device, gens, args, parser, dp)
+        ts, run_dir, status = start_run(plan, cfg, device, gens, args, parser, dp)
     if ts is None:
         return status
     created = plan.payload is None and writer
