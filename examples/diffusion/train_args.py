@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from typing import Any, Optional
 
 import pfunc as pf
-from examples.commands import python_command
+from examples.commands import python_command, shown_path
 
 from .cli import ShortErrorParser
 from .config import PRESETS, RUN_OPTIONS, ConfigError, TrainConfig, config_differences, flag, validate
@@ -32,6 +33,12 @@ __all__ = ["train_command", "sample_command", "DEFAULT_BACKEND", "build_parser",
 def train_command() -> str:
     """The training command as this process was started (``.venv/bin/python -m examples.diffusion.train``)."""
     return python_command("examples.diffusion.train")
+
+
+def torchrun_command() -> str:
+    """The ``torchrun`` installed beside this interpreter (``.venv/bin/torchrun``), as :func:`~examples.commands.shown_path`
+    writes it."""
+    return shown_path(os.path.join(os.path.dirname(sys.executable), "torchrun"))
 
 
 def sample_command() -> str:
@@ -210,8 +217,8 @@ def check_launch_flags(args: argparse.Namespace, world_size: Optional[int]) -> N
         given = [flag(n) for n in _LAUNCH_FLAGS if getattr(args, n) is not None]
         if given:
             raise ConfigError(
-                f"{given[0]} is for a run across several processes; launch one with torchrun --nproc_per_node=N -m "
-                "examples.diffusion.train ... (one process needs no such flag)"
+                f"{given[0]} is for a run across several processes; launch one with {torchrun_command()} --standalone "
+                "--nproc_per_node=N -m examples.diffusion.train ... (one process needs no such flag)"
             )
         return
     if args.dist_timeout is not None and not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):

@@ -313,7 +313,9 @@ def test_several_process_flags_are_refused_in_one_process(tmp_path, capsys, flag
     with pytest.raises(SystemExit) as e:
         main([*TINY, *flag, "--results-dir", str(tmp_path / "results")])
     assert e.value.code == 2
-    assert f"error: {flag[0]} is for a run across several processes; launch one with torchrun" in capsys.readouterr().err
+    assert f"error: {flag[0]} is for a run across several processes; launch one with " \
+           f"{shown_path(os.path.join(os.path.dirname(sys.executable), 'torchrun'))} --standalone --nproc_per_node=N -m " \
+           "examples.diffusion.train" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
 
 
