@@ -46,7 +46,7 @@ def fresh_values(module: nn.Module, generator: torch.Generator) -> dict[str, Ten
 
     Tensors of layers without ``reset_parameters`` keep the module's current values.
     """
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))  # a CUDA generator draws on CUDA
     twin = copy.deepcopy(module)
     devices = sorted({t.device for t in twin.parameters() if t.device.type == "cuda"}, key=str)
     with torch.random.fork_rng(devices=[d.index or 0 for d in devices]):

@@ -58,7 +58,7 @@ def pytest_report_header(config):
 
 def pytest_collection_modifyitems(config, items):
     """``slow`` tests run only with PFUNC_SLOW=1 (CI keeps under its time budget); ``compile``
-    tests only on a torch whose compiler handles pfunc's functional path."""
+    tests only on a torch whose compiler handles pfunc's functional path; ``cuda`` tests on a GPU."""
     import pytest
     import torch
     from torch.torch_version import TorchVersion
@@ -68,7 +68,10 @@ def pytest_collection_modifyitems(config, items):
     slow = None if os.environ.get("PFUNC_SLOW") == "1" else pytest.mark.skip(reason="slow: set PFUNC_SLOW=1 to run")
     compile_ok = TorchVersion(torch.__version__) >= COMPILE_MIN_TORCH
     old_torch = pytest.mark.skip(reason=f"torch.compile of pfunc's functional path needs torch >= {COMPILE_MIN_TORCH}")
+    no_gpu = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA GPU (python -m benchmarks.gpu_check)")
     for item in items:
+        if no_gpu is not None and "cuda" in item.keywords:
+            item.add_marker(no_gpu)
         if slow is not None and "slow" in item.keywords:
             item.add_marker(slow)
         if not compile_ok and "compile" in item.keywords:

@@ -29,7 +29,8 @@ import pfunc
 from .data import MIN_SHAPES_SIZE
 from .gaussian_diffusion import OBJECTIVES, SCHEDULES
 
-__all__ = ["TrainConfig", "PRESETS", "RUN_OPTIONS", "ConfigError", "check_values", "validate", "config_differences", "flag", "SEED_LIMIT"]
+__all__ = ["TrainConfig", "PRESETS", "RUN_OPTIONS", "ConfigError", "check_values", "validate", "check_device",
+           "config_differences", "flag", "SEED_LIMIT"]
 
 
 class ConfigError(ValueError):
@@ -299,6 +300,13 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.dataset == "folder" and not os.path.isdir(cfg.data_dir):
         raise ConfigError(f"--data-dir {cfg.data_dir!r} does not exist or is not a folder")
+
+
+def check_device(cfg: TrainConfig, device: torch.device) -> None:
+    """:class:`ConfigError` naming ``--bf16`` when ``device`` cannot run the autocast dtype: a CUDA GPU without
+    bfloat16 (the check ``torch.autocast("cuda", torch.bfloat16)`` makes, which would fail at the first step)."""
+    if cfg.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--bf16: {torch.cuda.get_device_name(device)} ({device}) has no bfloat16 support; use --no-bf16")
 
 
 def _mults(cfg: TrainConfig) -> str:

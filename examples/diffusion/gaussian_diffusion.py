@@ -23,17 +23,20 @@ True
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
     "linear_beta_schedule",
     "cosine_beta_schedule",
     "beta_schedule",
+    "linear_beta_values",
+    "cosine_beta_values",
+    "beta_values",
     "normalize_to_neg_one_to_one",
     "unnormalize_to_zero_to_one",
     "ModelPrediction",
@@ -50,33 +53,53 @@ SCHEDULES = ("linear", "cosine")
 
 
 # ------------------------------------------------------------------------------ schedules
-def linear_beta_schedule(timesteps: int) -> Tensor:
+# Schedules are host data: plain Python floats (float64), computed and checked without torch, so a
+# GaussianDiffusion is built the same way on any machine and under a fake mode, and its device
+# tables are made where they are used (GaussianDiffusion(..., device=...), .to(device)).
+def linear_beta_values(timesteps: int) -> list[float]:
     """DDPM's betas, linear from 1e-4 to 0.02, rescaled by ``1000 / timesteps`` so that any length
-    spans the same noise (float64). Needs ``timesteps > 20`` (else the last beta reaches 1)."""
+    spans the same noise. Needs ``timesteps > 20`` (else the last beta reaches 1)."""
     if timesteps <= 20:
         raise ValueError(f"linear_beta_schedule: timesteps must be above 20 (the rescaled last beta 20/timesteps reaches 1), got {timesteps}")
     scale = 1000 / timesteps
-    return torch.linspace(scale * 0.0001, scale * 0.02, timesteps, dtype=torch.float64)
+    start, end = scale * 0.0001, scale * 0.02
+    step = (end - start) / (timesteps - 1)
+    # torch.linspace's arithmetic: from the start for the first half, from the end for the second
+    half = timesteps // 2
+    return [start + i * step if i < half else end - (timesteps - 1 - i) * step for i in range(timesteps)]
+
+
+def cosine_beta_values(timesteps: int, s: float = 0.008) -> list[float]:
+    """Improved DDPM's betas: ``alphas_cumprod`` follows ``cos^2`` (betas clipped to 0.999)."""
+    if timesteps < 1:
+        raise ValueError(f"cosine_beta_schedule: timesteps must be positive, got {timesteps}")
+    ac = [math.cos(((i / timesteps) + s) / (1 + s) * math.pi * 0.5) ** 2 for i in range(timesteps + 1)]
+    ac = [a / ac[0] for a in ac]
+    return [min(max(1 - ac[i + 1] / ac[i], 0.0), 0.999) for i in range(timesteps)]
+
+
+def beta_values(name: str, timesteps: int) -> list[float]:
+    """The betas of schedule ``name`` (``"linear"`` or ``"cosine"``) as Python floats."""
+    if name == "linear":
+        return linear_beta_values(timesteps)
+    if name == "cosine":
+        return cosine_beta_values(timesteps)
+    raise ValueError(f"beta_schedule: unknown schedule {name!r}; expected one of {SCHEDULES}")
+
+
+def linear_beta_schedule(timesteps: int) -> Tensor:
+    """:func:`linear_beta_values` as a float64 CPU tensor."""
+    return torch.tensor(linear_beta_values(timesteps), dtype=torch.float64)
 
 
 def cosine_beta_schedule(timesteps: int, s: float = 0.008) -> Tensor:
-    """Improved DDPM's betas: ``alphas_cumprod`` follows ``cos^2`` (float64, betas clipped to 0.999)."""
-    if timesteps < 1:
-        raise ValueError(f"cosine_beta_schedule: timesteps must be positive, got {timesteps}")
-    x = torch.linspace(0, timesteps, timesteps + 1, dtype=torch.float64)
-    alphas_cumprod = torch.cos(((x / timesteps) + s) / (1 + s) * math.pi * 0.5) ** 2
-    alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
-    betas = 1 - (alphas_cumprod[1:] / alphas_cumprod[:-1])
-    return torch.clip(betas, 0, 0.999)
+    """:func:`cosine_beta_values` as a float64 CPU tensor."""
+    return torch.tensor(cosine_beta_values(timesteps, s), dtype=torch.float64)
 
 
 def beta_schedule(name: str, timesteps: int) -> Tensor:
-    """The betas of schedule ``name`` (``"linear"`` or ``"cosine"``)."""
-    if name == "linear":
-        return linear_beta_schedule(timesteps)
-    if name == "cosine":
-        return cosine_beta_schedule(timesteps)
-    raise ValueError(f"beta_schedule: unknown schedule {name!r}; expected one of {SCHEDULES}")
+    """The betas of schedule ``name`` (``"linear"`` or ``"cosine"``) as a float64 CPU tensor."""
+    return torch.tensor(beta_values(name, timesteps), dtype=torch.float64)
 
 
 def normalize_to_neg_one_to_one(img: Tensor) -> Tensor:
@@ -89,9 +112,48 @@ def unnormalize_to_zero_to_one(x: Tensor) -> Tensor:
     return (x + 1) * 0.5
 
 
+def _host_tables(betas: Union[Tensor, Sequence[float]]) -> dict[str, tuple[float, ...]]:
+    """The schedule and every table derived from it, as float64 Python floats, checked on the host."""
+    if isinstance(betas, Tensor):
+        if betas.dim() != 1:
+            raise ValueError(f"GaussianDiffusion: betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
+        betas = betas.detach().to("cpu", torch.float64).tolist()
+    b = [float(x) for x in betas]
+    if not b:
+        raise ValueError("GaussianDiffusion: betas must be a non-empty 1-D tensor, got shape (0,)")
+    if not all(0 < x < 1 for x in b):
+        raise ValueError("GaussianDiffusion: every beta must lie in (0, 1)")
+    ac, prod = [], 1.0
+    for x in b:
+        prod *= 1.0 - x
+        ac.append(prod)
+    ac_prev = [1.0] + ac[:-1]
+    posterior_variance = [x * (1.0 - p) / (1.0 - a) for x, a, p in zip(b, ac, ac_prev)]
+    return {
+        "betas": tuple(b),
+        "alphas_cumprod": tuple(ac),
+        "alphas_cumprod_prev": tuple(ac_prev),
+        "sqrt_alphas_cumprod": tuple(math.sqrt(a) for a in ac),
+        "sqrt_one_minus_alphas_cumprod": tuple(math.sqrt(1.0 - a) for a in ac),
+        "log_one_minus_alphas_cumprod": tuple(math.log(1.0 - a) for a in ac),
+        "sqrt_recip_alphas_cumprod": tuple(math.sqrt(1.0 / a) for a in ac),
+        "sqrt_recipm1_alphas_cumprod": tuple(math.sqrt(1.0 / a - 1) for a in ac),
+        "posterior_variance": tuple(posterior_variance),
+        # the posterior variance is 0 at t = 0: clip its log
+        "posterior_log_variance_clipped": tuple(math.log(max(v, 1e-20)) for v in posterior_variance),
+        "posterior_mean_coef1": tuple(x * math.sqrt(p) / (1.0 - a) for x, a, p in zip(b, ac, ac_prev)),
+        "posterior_mean_coef2": tuple((1.0 - p) * math.sqrt(1.0 - x) / (1.0 - a) for x, a, p in zip(b, ac, ac_prev)),
+        "log_betas": tuple(math.log(x) for x in b),
+    }
+
+
 def _extract(a: Tensor, t: Tensor, ndim: int) -> Tensor:
-    """``a[t]`` shaped ``[B, 1, ..., 1]`` to broadcast against a ``ndim``-dimensional batch."""
-    return a[t].reshape(t.shape[0], *((1,) * (ndim - 1)))
+    """``a[t]`` shaped ``[B, 1, ..., 1]`` to broadcast against a ``ndim``-dimensional batch.
+
+    ``index_select`` rather than ``a[t]``: the same gather, and one that a fake mode follows on
+    torch's CPU-only wheel too (Python indexing of a fake CUDA tensor asks for CUDA's device guard).
+    """
+    return a.index_select(0, t).reshape(t.shape[0], *((1,) * (ndim - 1)))
 
 
 def _normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
@@ -133,62 +195,46 @@ class GaussianDiffusion:
     """The forward (noising) process of ``betas`` and its learned reverse, for any denoiser.
 
     Args:
-        betas: ``[T]`` noise schedule (e.g. :func:`cosine_beta_schedule`); kept in float64
-            while deriving, stored as float32.
+        betas: ``[T]`` noise schedule (e.g. :func:`cosine_beta_values`): Python floats, or a CPU tensor
+            with real values; read on the host, derived in float64, stored on ``device`` as float32.
         objective: what the denoiser predicts: ``"pred_noise"``, ``"pred_x0"`` or ``"pred_v"``.
         self_condition: train with self-conditioning (half of the steps feed the model its own
             detached ``x_0`` estimate) and sample with it.
         learned_variance: the denoiser returns ``2 * C`` channels (prediction, variance
             interpolation); the loss adds ``vb_loss_weight`` times the variational bound.
+        device: where the schedule's tables live (the device of the data they scale). They are
+            made there from host floats (``torch.tensor(..., device=device)``), never computed on
+            the device or moved from another, so building one reads no device data: a fake mode
+            (``torch._subclasses.fake_tensor.FakeTensorMode``) can follow it.
     """
 
-    betas: Tensor
+    betas: Union[Tensor, Sequence[float]]
     objective: str = "pred_noise"
     self_condition: bool = False
     learned_variance: bool = False
     vb_loss_weight: float = 0.001
+    device: Union[torch.device, str] = "cpu"
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"GaussianDiffusion: unknown objective {self.objective!r}; expected one of {OBJECTIVES}")
-        betas = self.betas.detach().to(torch.float64)
-        if betas.dim() != 1 or betas.numel() < 1:
-            raise ValueError(f"GaussianDiffusion: betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
-        if not bool(((betas > 0) & (betas < 1)).all()):
-            raise ValueError("GaussianDiffusion: every beta must lie in (0, 1)")
-        alphas = 1.0 - betas
-        ac = torch.cumprod(alphas, dim=0)
-        ac_prev = F.pad(ac[:-1], (1, 0), value=1.0)
-        posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)
-        derived = {
-            "alphas_cumprod": ac,
-            "alphas_cumprod_prev": ac_prev,
-            "sqrt_alphas_cumprod": ac.sqrt(),
-            "sqrt_one_minus_alphas_cumprod": (1.0 - ac).sqrt(),
-            "log_one_minus_alphas_cumprod": torch.log(1.0 - ac),
-            "sqrt_recip_alphas_cumprod": (1.0 / ac).sqrt(),
-            "sqrt_recipm1_alphas_cumprod": (1.0 / ac - 1).sqrt(),
-            "posterior_variance": posterior_variance,
-            # the posterior variance is 0 at t = 0: clip its log
-            "posterior_log_variance_clipped": torch.log(posterior_variance.clamp(min=1e-20)),
-            "posterior_mean_coef1": betas * ac_prev.sqrt() / (1.0 - ac),
-            "posterior_mean_coef2": (1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac),
-            "log_betas": torch.log(betas),
-        }
-        device = self.betas.device
-        object.__setattr__(self, "_betas64", betas.cpu())
-        object.__setattr__(self, "_alphas_cumprod64", ac.cpu())
-        object.__setattr__(self, "betas", betas.to(torch.float32).to(device))
-        for k, v in derived.items():
-            object.__setattr__(self, k, v.to(torch.float32).to(device))
+        host = _host_tables(self.betas)
+        device = torch.device(self.device)
+        object.__setattr__(self, "device", device)
+        object.__setattr__(self, "_host", host)
+        # DDIM's step coefficients come from these float64 host values (see ddim_coefficients)
+        object.__setattr__(self, "_alphas_cumprod64", host["alphas_cumprod"])
+        for k, v in host.items():
+            object.__setattr__(self, k, torch.tensor(v, dtype=torch.float32, device=device))
 
     @property
     def num_timesteps(self) -> int:
         return self.betas.shape[0]
 
     def to(self, device: torch.device | str) -> "GaussianDiffusion":
-        """The same process with its schedule tensors on ``device``."""
-        return GaussianDiffusion(self._betas64.to(device), self.objective, self.self_condition, self.learned_variance, self.vb_loss_weight)
+        """The same process with its schedule tables made on ``device``."""
+        return GaussianDiffusion(self._host["betas"], self.objective, self.self_condition, self.learned_variance,
+                                 self.vb_loss_weight, device)
 
     # -------------------------------------------------------------------------- the forward process
     def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor) -> Tensor:
@@ -422,8 +468,22 @@ def ddim_time_pairs(num_timesteps: int, sampling_timesteps: int) -> list[tuple[i
     """
     if not 1 <= sampling_timesteps <= num_timesteps:
         raise ValueError(f"ddim_time_pairs: sampling_timesteps must be in [1, {num_timesteps}], got {sampling_timesteps}")
-    times = torch.linspace(-1, num_timesteps - 1, steps=sampling_timesteps + 1).int().tolist()
+    times = _linspace_float32_int(-1.0, float(num_timesteps - 1), sampling_timesteps + 1)
     return list(zip(reversed(times[1:]), reversed(times[:-1])))
+
+
+def _float32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _linspace_float32_int(start: float, end: float, steps: int) -> list[int]:
+    """``torch.linspace(start, end, steps).int().tolist()`` (float32, CPU) on the host, without torch, so
+    that sampling reads no tensor: torch's kernel rounds ``step`` to float32 and computes
+    ``start + step * i`` for the first half and ``end - step * (steps - 1 - i)`` for the rest with one
+    rounding (a fused multiply-add); checked equal to torch in tests/examples/test_diffusion_ddim.py."""
+    step = _float32(_float32(end - start) / _float32(steps - 1)) if steps > 1 else 0.0
+    half = steps // 2
+    return [int(_float32(start + step * i)) if i < half else int(_float32(end - step * (steps - 1 - i))) for i in range(steps)]
 
 
 def ddim_coefficients(alpha: float, alpha_next: float, eta: float) -> tuple[float, float]:

@@ -29,7 +29,7 @@ from torch import Tensor
 import pfunc as pf
 
 from .config import TrainConfig
-from .gaussian_diffusion import GaussianDiffusion, beta_schedule
+from .gaussian_diffusion import GaussianDiffusion, beta_values
 from .unet import Unet, parametrize_unet
 
 __all__ = ["build_model", "sample_images", "sampling_calls"]
@@ -54,7 +54,7 @@ def build_model(cfg: TrainConfig) -> tuple[Unet, pf.Parametrized, GaussianDiffus
         )
     net = parametrize_unet(unet)
     diffusion = GaussianDiffusion(
-        beta_schedule(cfg.beta_schedule, cfg.timesteps),
+        beta_values(cfg.beta_schedule, cfg.timesteps),
         objective=cfg.objective,
         self_condition=cfg.self_condition,
         learned_variance=cfg.learned_variance,

@@ -25,7 +25,7 @@ from .folders import new_timestamped_folder
 from .interrupt import StopNow
 from .run_outputs import LOSSES, truncate_losses
 from .train_plan import Plan
-from .training import Generators, TrainState, make_optimizer
+from .training import Generators, TrainState, initial_train_state, make_optimizer
 from .training_checkpoint import CHECKPOINT, restore
 
 __all__ = ["start_run"]
@@ -72,11 +72,7 @@ def start_run(plan: Plan, cfg: TrainConfig, device: torch.device, gens: Generato
     if run_dir is None:
         return None, None, 1
     try:
-        p0, s0 = net.init(generator=torch.Generator().manual_seed(cfg.seed))
-        params = {k: v.to(device).detach().requires_grad_(True) for k, v in p0.items()}
-        state = {k: v.to(device) for k, v in s0.items()}
-        ema = {k: v.detach().clone() for k, v in params.items()}
-        ts = TrainState(params, state, ema, factory(params, cfg.lr, cfg.weight_decay), 0)
+        ts = initial_train_state(net, cfg.seed, device, cfg.lr, cfg.weight_decay, factory)
         if writer:
             save_image_grid(run_dir / "data.png", plan.data[: cfg.num_samples].cpu(), nrow=int(math.sqrt(cfg.num_samples)) or 1, scale=4)
     except (OSError, ValueError) as e:

@@ -46,7 +46,7 @@ from examples.torchrun import Launch, LaunchError, launch_from_env, let_the_repo
 from .checkpoint import CheckpointError, save_checkpoint
 from .cli import resolve_device
 from .config import ConfigError
-from .data import BadImageError, BatchOrder
+from .data import BadImageError
 from .data_parallel import DEFAULT_TIMEOUT_S, DataParallel, RankFailure, choose_backend, random_streams, rank_device, start_data_parallel
 from .folders import FolderError
 from .interrupt import StopNow, StopRequest
@@ -55,7 +55,7 @@ from .run_outputs import LOSSES, RunTimes, finish_run, read_losses
 from .train_args import DEFAULT_BACKEND, build_parser, check_launch_flags, resolve_config
 from .train_plan import SHAPES_TRAIN_SEED, Plan, load_data, prepare, resume_hint, say_notes
 from .run_start import start_run
-from .training import Generators, draw_micro_batch, make_grad_fn, make_loss_fn, train_step
+from .training import draw_micro_batch, make_generators, make_grad_fn, make_loss_fn, train_step
 from .training_checkpoint import CHECKPOINT, make_payload
 
 __all__ = ["build_parser", "resolve_config", "resolve_device", "build_model", "load_data", "read_losses", "main", "SHAPES_TRAIN_SEED"]
@@ -223,11 +223,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: Plan
     say = print if writer else (lambda *a, **k: None)
     diffusion = plan.diffusion.to(device)
     data = plan.data.to(device)
-    gens = Generators(
-        order=BatchOrder(data.shape[0], cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1)),
-        noise=torch.Generator(device=device).manual_seed(cfg.seed + 2),
-        coin=torch.Generator().manual_seed(cfg.seed + 4),
-    )
+    gens = make_generators(cfg.seed, data.shape[0], cfg.batch_size, device)
     with stop.phase(_PREPARING, at_once=True):
         ts, run_dir, status = start_run(plan, cfg, device, gens, args, parser, dp)
     if ts is None:

@@ -24,7 +24,7 @@ from .checkpoint import read_checkpoint
 from examples.threads import choose_threads
 
 from .cli import check_compile_backend, check_memory, resolve_device
-from .config import SEED_LIMIT, ConfigError, TrainConfig
+from .config import SEED_LIMIT, ConfigError, TrainConfig, check_device
 from .data import BadImageError, draw_shapes, load_image_folder
 from .data_parallel import DataParallel
 from .folders import FolderError, check_can_create, check_writable
@@ -105,6 +105,7 @@ def prepare(args: argparse.Namespace, dp: Optional[DataParallel] = None) -> Plan
     if dp is not None:
         check_world_size(cfg, dp.world_size, resumed=payload is not None)
     device = resolve_device(args.device) if dp is None else dp.device
+    check_device(cfg, device)
     image_bytes = cfg.channels * cfg.image_size**2 * 4
     if cfg.dataset == "shapes":
         check_memory(f"--train-size {cfg.train_size}", cfg.train_size * image_bytes)

@@ -30,7 +30,9 @@ from .gaussian_diffusion import GaussianDiffusion, normalize_to_neg_one_to_one
 __all__ = [
     "MicroBatch",
     "Generators",
+    "make_generators",
     "TrainState",
+    "initial_train_state",
     "make_loss_fn",
     "make_grad_fn",
     "make_optimizer",
@@ -82,6 +84,16 @@ class Generators:
         self.coin.set_state(sd["coin"])
 
 
+def make_generators(seed: int, num_examples: int, batch_size: int, device: torch.device) -> Generators:
+    """The run's streams from ``seed``: batch order ``seed + 1`` (CPU), noise and times ``seed + 2`` (a generator on
+    ``device``, so the draws are made where they are used), self-conditioning coin ``seed + 4`` (CPU)."""
+    return Generators(
+        order=BatchOrder(num_examples, batch_size, torch.Generator().manual_seed(seed + 1)),
+        noise=torch.Generator(device=device).manual_seed(seed + 2),
+        coin=torch.Generator().manual_seed(seed + 4),
+    )
+
+
 @dataclass
 class TrainState:
     """Everything that changes during training (what a checkpoint holds, with the generators)."""
@@ -91,6 +103,17 @@ class TrainState:
     ema: Params
     optimizer: torch.optim.Optimizer
     step: int
+
+
+def initial_train_state(net: pf.Parametrized, seed: int, device: torch.device, lr: float, weight_decay: float,
+                        optimizer_factory: Optional[Callable[[Params, float, float], torch.optim.Optimizer]] = None) -> TrainState:
+    """Step 0: ``net.init`` from a CPU generator seeded ``seed`` (the same weights on every device), params and
+    state moved to ``device`` (params as leaves for the optimizer), the EMA a copy of the params."""
+    p0, s0 = net.init(generator=torch.Generator().manual_seed(seed))
+    params = {k: v.to(device).detach().requires_grad_(True) for k, v in p0.items()}
+    state = {k: v.to(device) for k, v in s0.items()}
+    ema = {k: v.detach().clone() for k, v in params.items()}
+    return TrainState(params, state, ema, (optimizer_factory or make_optimizer)(params, lr, weight_decay), 0)
 
 
 def make_loss_fn(net: pf.Parametrized, diffusion: GaussianDiffusion, *, bf16: bool = False, device_type: str = "cpu"):

@@ -101,3 +101,13 @@ def test_ddim_from_a_briefly_trained_model_gives_finite_images_in_range_at_any_s
             assert bool(torch.isfinite(x).all()), f"{objective}/{schedule}: {steps} steps, eta {eta} gave non-finite pixels"
             assert x.min() >= 0 and x.max() <= 1
             assert len(calls) == steps == diffusion.num_sampling_steps(steps)
+
+
+def test_ddim_time_pairs_equal_torch_linspace_truncated():
+    """The host computation of the visited times matches ``torch.linspace(-1, T - 1, S + 1).int()``
+    (what denoising-diffusion-pytorch uses), float32 rounding included."""
+    from examples.diffusion.gaussian_diffusion import _linspace_float32_int
+
+    cases = [(T, S) for T in range(1, 65) for S in range(1, T + 1)] + [(1000, S) for S in range(1, 1001, 7)] + [(4000, 250)]
+    for T, S in cases:
+        assert _linspace_float32_int(-1.0, float(T - 1), S + 1) == torch.linspace(-1, T - 1, steps=S + 1).int().tolist(), (T, S)
