@@ -12,12 +12,13 @@ Namespace(lr=0.0003, steps=10)
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 from typing import NoReturn
 
 import torch
 
-__all__ = ["ArgumentParser", "device", "positive_int", "non_negative_int", "seed", "finite_float", "positive_float", "non_negative_float", "unit_interval"]
+__all__ = ["ArgumentParser", "suggest_flags", "device", "positive_int", "non_negative_int", "seed", "finite_float", "positive_float", "non_negative_float", "unit_interval"]
 
 
 class _HelpWithDefaults(argparse.HelpFormatter):
@@ -33,17 +34,34 @@ class _HelpWithDefaults(argparse.HelpFormatter):
 
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose errors are two lines (the error and where the help is),
-    not the whole usage (exit status 2, as argparse's), and whose help shows each flag's default.
+    not the whole usage (exit status 2, as argparse's), with the closest flag suggested for an unknown one and no
+    prefix matching (``--step`` is not ``--steps``), and whose help shows each flag's default.
     A description in reStructuredText (````code````) is shown with single backticks."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpWithDefaults)
+        kwargs.setdefault("allow_abbrev", False)  # --step is not --steps
         if isinstance(kwargs.get("description"), str):
             kwargs["description"] = kwargs["description"].replace("``", "`")
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {suggest_flags(self, message)}\n(see {self.prog} --help)\n")
+
+
+def suggest_flags(parser: argparse.ArgumentParser, message: str) -> str:
+    """argparse's ``message``, with ``(did you mean --steps?)`` after an unrecognized flag that is close to a known one."""
+    prefix = "unrecognized arguments: "
+    if not message.startswith(prefix):
+        return message
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for token in message[len(prefix):].split():
+        if token.startswith("--"):
+            close = difflib.get_close_matches(token.split("=", 1)[0], known, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{token.split('=', 1)[0]}: did you mean {close[0]}?")
+    return message + (f" ({'; '.join(hints)})" if hints else "")
 
 
 def device(text: str) -> torch.device:

@@ -1,8 +1,10 @@
 """What the diffusion commands share at the command line: short errors, the device choice, memory checks.
 
 A bad flag prints the error and one line saying where the help is, not the whole usage
-(exit status 2, as argparse). :func:`resolve_device` follows the training script's
-convention: ``auto`` is the first CUDA device when there is one, else the CPU.
+(exit status 2, as argparse). A flag is never guessed from its beginning (``--step 3`` is not
+``--steps 3``: argparse's prefix matching is off), and a misspelt one gets a "did you mean".
+:func:`resolve_device` follows the training script's convention: ``auto`` is the first CUDA
+device when there is one, else the CPU.
 
 >>> p = ShortErrorParser(prog="python -m examples.diffusion.sample")
 >>> _ = p.add_argument("--seed", type=int)
@@ -27,16 +29,23 @@ from typing import NoReturn, Optional
 
 import torch
 
+from examples.arguments import suggest_flags
+
 from .config import ConfigError
 
 __all__ = ["ShortErrorParser", "resolve_device", "check_compile_backend", "check_memory", "physical_memory"]
 
 
 class ShortErrorParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose error is the message and one line of usage hint (exit status 2)."""
+    """``argparse.ArgumentParser`` whose error is the message and one line of usage hint (exit status 2), without
+    prefix matching of flags, and with the closest flag suggested for an unknown one (:func:`suggest_flags`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message}\n({self.prog} --help explains every flag)\n")
+        self.exit(2, f"error: {suggest_flags(self, message)}\n({self.prog} --help explains every flag)\n")
 
 
 def resolve_device(spec: str) -> torch.device:

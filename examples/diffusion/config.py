@@ -26,6 +26,7 @@ from torch.torch_version import TorchVersion
 
 import pfunc
 
+from .data import MIN_SHAPES_SIZE
 from .gaussian_diffusion import OBJECTIVES, SCHEDULES
 
 __all__ = ["TrainConfig", "PRESETS", "RUN_OPTIONS", "ConfigError", "check_values", "validate", "check_device",
@@ -243,6 +244,9 @@ def check_values(cfg: TrainConfig) -> None:
                 f"--resnet-block-groups {cfg.resnet_block_groups} must divide every level width "
                 f"(--dim {cfg.dim} times each of 1 and --dim-mults {_mults(cfg)}); {cfg.dim * m} is not divisible"
             )
+    if cfg.dataset == "shapes" and cfg.image_size < MIN_SHAPES_SIZE:
+        raise ConfigError(f"--image-size must be at least {MIN_SHAPES_SIZE} for --dataset shapes (the smallest the shapes "
+                          f"are drawn at), got {cfg.image_size}")
     if cfg.image_size % cfg.downsample_factor:
         raise ConfigError(
             f"--image-size {cfg.image_size} is not divisible by {cfg.downsample_factor}, the Unet's downsampling factor "

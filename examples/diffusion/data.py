@@ -25,8 +25,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from .png_data import png_data_problem
+
 __all__ = [
     "SHAPES",
+    "MIN_SHAPES_SIZE",
     "draw_shapes",
     "BadImageError",
     "image_extensions",
@@ -39,6 +42,7 @@ __all__ = [
 ]
 
 SHAPES = ("disk", "square", "triangle", "cross", "ring")
+MIN_SHAPES_SIZE = 4  # the smallest image side draw_shapes renders
 
 
 def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
@@ -90,8 +94,8 @@ def draw_shapes(
     """
     if n < 0:
         raise ValueError(f"draw_shapes: n must be non-negative, got {n}")
-    if image_size < 4:
-        raise ValueError(f"draw_shapes: image_size must be at least 4, got {image_size}")
+    if image_size < MIN_SHAPES_SIZE:
+        raise ValueError(f"draw_shapes: image_size must be at least {MIN_SHAPES_SIZE}, got {image_size}")
     if channels not in (1, 3):
         raise ValueError(f"draw_shapes: channels must be 1 or 3, got {channels}")
     g = generator
@@ -124,6 +128,9 @@ DEFAULT_PIXEL_LIMIT = 89_478_485  # Pillow's own default Image.MAX_IMAGE_PIXELS 
 class BadImageError(ValueError):
     """An image file that cannot be used; the message names the file and says why."""
 
+
+#: The extensions the empty-folder message names first.
+COMMON_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 # formats Pillow only identifies: decoding them needs a handler installed by the application (or Windows)
 _IDENTIFY_ONLY = frozenset({"BUFR", "GRIB", "HDF5", "MPEG", "WMF"})
@@ -167,8 +174,9 @@ def read_image(path: Union[str, os.PathLike], image_size: int, channels: int) ->
     Read with Pillow (any format it reads). Refused with a :class:`BadImageError` naming the
     file: a declared size over :func:`pixel_limit` (checked from the header, before any pixel
     is decoded), a file Pillow cannot identify or decode, a truncated file, a PNG whose chunk
-    CRCs do not match (``verify``), a palette PNG with a short palette or a pixel past its
-    palette. Memory: JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) still at least
+    CRCs do not match (``verify``), a PNG whose image data is shorter or longer than its header
+    declares (:func:`~.png_data.png_data_problem`), a palette PNG with a short palette or a pixel
+    past its palette. Memory: JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) still at least
     ``image_size`` (``Image.draft``); the crop and resize run in Pillow on 8-bit pixels (reducing
     in integer steps first), so only the ``image_size`` result becomes a float tensor.
     """
@@ -186,6 +194,10 @@ def read_image(path: Union[str, os.PathLike], image_size: int, channels: int) ->
                 fmt = im.format
                 if fmt == "PNG":
                     im.verify()  # every chunk's CRC and the structure, without decoding
+            if fmt == "PNG":
+                problem = png_data_problem(path)  # Pillow decodes a short image data stream as black rows
+                if problem:
+                    raise BadImageError(f"{path}: {problem}")
             with Image.open(path) as im:
                 side = min(width, height)
                 if fmt == "JPEG":
@@ -259,7 +271,10 @@ def load_image_folder(
         raise ValueError(f"load_image_folder: image_size must be a positive integer, got {image_size!r}")
     files = list_image_files(root)
     if not files:
-        raise ValueError(f"--data-dir: no images (files ending in {', '.join(image_extensions()[:8])} ...) under {str(path)!r}")
+        known = image_extensions()
+        common = [e for e in COMMON_EXTENSIONS if e in known]
+        raise ValueError(f"--data-dir: no images under {str(path)!r} (files ending in {', '.join(common)}, or one of the "
+                         f"{len(known) - len(common)} other extensions Pillow reads)")
     out = torch.empty(len(files), channels, image_size, image_size)
     kept, skipped = 0, []
     for f in files:

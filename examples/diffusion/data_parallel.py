@@ -41,6 +41,9 @@ NCCL on CUDA with the GPU of its ``LOCAL_RANK``). What each piece does:
 
 from __future__ import annotations
 
+import os
+import shlex
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
@@ -49,6 +52,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 import pfunc as pf
+from examples.commands import parent_launcher_command, shown_path
 from examples.torchrun import Launch, backend_reason, join_process_group
 
 from .cli import resolve_device
@@ -134,11 +138,16 @@ class DataParallel:
         return self.rank == 0
 
     def resume_command(self, run_dir: Any) -> str:
-        """The command that resumes ``run_dir`` on as many processes as this run."""
-        if self.local_world_size == self.world_size:
-            return f"torchrun --nproc_per_node={self.world_size} -m examples.diffusion.train --resume {run_dir}"
-        return (f"torchrun <this run's --nnodes and --rdzv-* flags> --nproc_per_node={self.local_world_size} "
-                f"-m examples.diffusion.train --resume {run_dir}")
+        """The command that resumes ``run_dir`` on as many processes as this run: the launcher's own command line as it
+        was typed (:func:`examples.commands.parent_launcher_command`: ``--standalone``, the ``--rdzv-*`` flags), else
+        the ``torchrun`` beside this interpreter with the process count."""
+        module = "examples.diffusion.train"
+        launcher = parent_launcher_command(module)
+        if launcher is None:
+            torchrun = shown_path(os.path.join(os.path.dirname(sys.executable), "torchrun"))
+            nodes = "" if self.local_world_size == self.world_size else "<this run's --nnodes and --rdzv-* flags> "
+            launcher = f"{torchrun} {nodes}--nproc_per_node={self.local_world_size} -m {module}"
+        return f"{launcher} --resume {shlex.quote(str(run_dir))}"
 
     def rows(self, batch_size: int) -> slice:
         """This rank's rows of a global batch of ``batch_size`` (which the world size divides)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import resource
 import sys
 import time
@@ -38,10 +39,10 @@ from examples.plots import save_line_plot
 from examples.progress import progress
 
 from .config import TrainConfig
-from .interrupt import StopRequest, Stopped
+from .interrupt import StopNow, StopRequest, Stopped
 from .model import sample_images, sampling_calls
 from .quality import JUDGE_STEPS, evaluate
-from .train_args import SAMPLE_PROG
+from .train_args import sample_command
 from .training import TrainState
 from .training_checkpoint import CHECKPOINT
 
@@ -117,18 +118,20 @@ class RunTimes:
 
 
 def finish_run(run_dir: Path, cfg: TrainConfig, net: Any, diffusion: Any, ts: TrainState, data: torch.Tensor,
-               device: torch.device, times: RunTimes) -> int:
-    """Sample and score ``ts.ema``, write ``samples.png``, ``loss.png``, ``metrics.json`` and print the summary.
+               device: torch.device, times: RunTimes, stop: StopRequest, *, score: int) -> int:
+    """Sample ``ts.ema`` and score ``score`` of the samples (0: no score), write ``samples.png``, ``loss.png``,
+    ``metrics.json`` and print the summary. ``stop`` (the run's): a signal stops the sampling and scoring at once.
 
-    Returns the exit status: 0, 130 after Ctrl-C while sampling or scoring (nothing written), 1 when a file
-    cannot be written (one line each; the checkpoint is already saved).
+    Returns the exit status: 0; 130 after Ctrl-C, 143 after SIGTERM while sampling or scoring (nothing written);
+    1 when a file cannot be written (one line each; the checkpoint is already saved).
     """
     where = run_dir / CHECKPOINT
-    n = max(cfg.num_samples, cfg.eval_samples)
+    n = max(cfg.num_samples, score)
     t_sample = time.perf_counter()
     quality: dict = {}
+    doing = f"stopping the sampling now; training is complete and {where} (step {ts.step}) is saved"
     try:
-        with StopRequest() as stop:
+        with stop.phase(doing, at_once=True):
             total = sampling_calls(n, 500, diffusion, cfg.sampling_steps)
             with progress(total, desc="sample", unit="step", log_every=max(1, total // 10)) as sbar:
                 samples = sample_images(net, diffusion, ts.ema, ts.state, n, cfg, seed=cfg.seed + 3,
@@ -136,17 +139,17 @@ def finish_run(run_dir: Path, cfg: TrainConfig, net: Any, diffusion: Any, ts: Tr
                                         bf16=cfg.bf16, on_step=lambda: (stop.check(), sbar.update()))
             sampling_seconds = time.perf_counter() - t_sample
             t_eval = time.perf_counter()
-            if cfg.eval_samples >= 2:
+            if score >= 2:
                 steps = JUDGE_STEPS if cfg.dataset == "shapes" else 0
                 with progress(steps, desc="score (training the judge)", unit="step", log_every=max(1, steps // 10)) as qbar:
-                    quality = evaluate(samples[: cfg.eval_samples], dataset=cfg.dataset, image_size=cfg.image_size,
+                    quality = evaluate(samples[:score], dataset=cfg.dataset, image_size=cfg.image_size,
                                        channels=cfg.channels, device=device, reference=data,
                                        on_step=lambda: (stop.check(), qbar.update()))
             eval_seconds = time.perf_counter() - t_eval
-    except Stopped as e:
+    except (Stopped, StopNow) as e:
         print(f"{e}: stopped while sampling; training is complete and {where} (step {ts.step}) is saved; "
-              f"draw samples with: {SAMPLE_PROG} {run_dir}", file=sys.stderr)
-        return 130
+              f"draw samples with: {sample_command()} {shlex.quote(str(run_dir))}", file=sys.stderr)
+        return stop.exit_status
 
     losses = read_losses(run_dir / LOSSES)
     tail = [l for _, l in losses[-100:]]
@@ -178,17 +181,25 @@ def finish_run(run_dir: Path, cfg: TrainConfig, net: Any, diffusion: Any, ts: Tr
         write_json(run_dir / "metrics.json", metrics)
     except (OSError, ValueError) as e:
         print(f"error: cannot write the run's samples, plot or metrics: {e}; training is complete and {where} "
-              f"(step {ts.step}) is saved; draw samples with: {SAMPLE_PROG} {run_dir}", file=sys.stderr)
+              f"(step {ts.step}) is saved; draw samples with: {sample_command()} {shlex.quote(str(run_dir))}", file=sys.stderr)
         return 1
 
     print(f"trained {steps_run} steps in {seconds(times.train_seconds)}"
           + (f" ({images_per_second:.0f} images/s)" if images_per_second else "")
           + (f"; final loss (mean of last {len(tail)} steps) {metrics['final_loss']:.4f}" if tail else ""))
+    again = f"{sample_command()} {shlex.quote(str(run_dir))}"
     if quality:
         m = quality["metric"]
         print(f"sample quality {m} (lower is better): samples {quality['samples'][m]:.3f} | "
               f"brackets: real data {quality['real'][m]:.3f}, random noise {quality['noise'][m]:.3f}")
-    print(f"wrote {run_dir}: {CHECKPOINT} (step {ts.step}), samples.png, loss.png, metrics.json "
-          f"in {seconds(metrics['total_seconds'])} total")
-    print(f"new samples from it: {SAMPLE_PROG} {run_dir}")
+    elif cfg.eval_samples >= 2:  # the preset's score, skipped for a trial run (train_plan.scored_samples)
+        print(f"no sample quality score for a trial run of {ts.step} steps, where it says little (pass --eval-samples "
+              f"{cfg.eval_samples} to score anyway); score this run with: {again} --score --num-samples {cfg.eval_samples}")
+    print(f"wrote {run_dir}: {', '.join(written(ts.step))} in {seconds(metrics['total_seconds'])} total")
+    print(f"new samples from it: {again}")
     return 0
+
+
+def written(step: int) -> list[str]:
+    """The files a finished run wrote, as its closing line lists them."""
+    return [f"{CHECKPOINT} (step {step})", LOSSES, "data.png", "samples.png", "loss.png", "metrics.json"]

@@ -48,11 +48,11 @@ from .folders import FolderError, check_can_create, new_timestamped_folder, time
 from .interrupt import StopRequest, Stopped
 from .model import build_model, sample_images, sampling_calls
 from .quality import JUDGE_STEPS, evaluate
+from .train_args import sample_command
 from .training_checkpoint import check_fits, check_payload, checkpoint_path
 
 __all__ = ["build_parser", "main", "GRID_LIMIT", "SETTINGS"]
 
-PROG = "python -m examples.diffusion.sample"
 GRID_LIMIT = 1024  # images shown in samples.png; --save-each writes every one
 SETTINGS = "sampling.json"
 
@@ -60,7 +60,7 @@ SETTINGS = "sampling.json"
 def build_parser() -> argparse.ArgumentParser:
     """The sampling command's flags; ``None`` defaults mean "as the run was trained"."""
     p = ShortErrorParser(
-        prog=PROG,
+        prog=sample_command(),
         description="Draw new samples from a run of python -m examples.diffusion.train (the classic DDPM Unet): "
         "DDIM (Song et al.) in fewer steps than the run's timesteps, or DDPM (Ho et al.) at them. Writes a new "
         "timestamped folder RUN/samples/<time>_steps<k>_eta<e>/ with samples.png and sampling.json; the run's own "
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-images", action="store_true",
                    help="with --score on a folder data set: leave out image files that cannot be read instead of stopping")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: one per idle core: the core count less the load average)")
+                   help="CPU threads for torch (default: one per core found idle over half a second at start-up)")
     return p
 
 
@@ -209,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.save_each:
                 _save_each(work / "images", images)
             settings = {
-                "command": [PROG, *(sys.argv[1:] if argv is None else list(argv))],
+                "command": [sample_command(), *(sys.argv[1:] if argv is None else list(argv))],
                 "checkpoint": str(ckpt.resolve()),
                 "checkpoint_sha256": sha256,
                 "step": payload["step"],
@@ -237,7 +237,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Stopped as e:
         shutil.rmtree(work, ignore_errors=True)
         print(f"{e}: stopped while sampling; nothing was written", file=sys.stderr)
-        return 130
+        return stop.exit_status
     except KeyboardInterrupt:
         shutil.rmtree(work, ignore_errors=True)
         print("\nstopped at once by a second Ctrl-C; nothing was written", file=sys.stderr)

@@ -15,8 +15,12 @@ Everything lands in ``<results-dir>/<timestamp>_<dataset>_<size>px_dim<dim>/``:
 
 Every flag, the checkpoint (on ``--resume``), the output folder and the data are checked
 before any work and before the run folder exists: a bad value is one line naming the flag
-(exit status 2), a bad file or folder one line naming it (exit status 1). Ctrl-C saves a
-checkpoint at the end of the current step and prints how to resume (exit status 130).
+(exit status 2), a bad file or folder one line naming it (exit status 1). Ctrl-C, or the SIGTERM
+a batch scheduler sends, is acknowledged at once, saves a checkpoint at the end of the current step
+and prints a resume command that runs as printed (exit status 130, 143 for SIGTERM); before the
+first step, while ``torch.compile`` compiles it, and while sampling at the end, the run stops at once
+instead (:mod:`.interrupt`): nothing of value is lost there. ``--preset gpu`` without a GPU is refused
+unless ``--device cpu`` asks for the CPU.
 
 Under torchrun (:mod:`.data_parallel`) every rank runs this loop on its slice of each global
 batch; rank 0 alone writes and prints; a failed rank makes the others stop with one line.
@@ -31,41 +35,52 @@ import math
 import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
 import pfunc as pf
-from examples.images import save_image_grid
 from examples.progress import progress
 from examples.torchrun import Launch, LaunchError, launch_from_env, let_the_reporting_rank_speak, silenced
 
 from .checkpoint import CheckpointError, save_checkpoint
 from .cli import resolve_device
-from .config import ConfigError, TrainConfig
+from .config import ConfigError
 from .data import BadImageError
 from .data_parallel import DEFAULT_TIMEOUT_S, DataParallel, RankFailure, choose_backend, random_streams, rank_device, start_data_parallel
-from .folders import FolderError, new_timestamped_folder
-from .interrupt import StopRequest
+from .folders import FolderError
+from .interrupt import StopNow, StopRequest
 from .model import build_model
-from .run_outputs import LOSSES, RunTimes, finish_run, read_losses, truncate_losses
+from .run_outputs import LOSSES, RunTimes, finish_run, read_losses
 from .train_args import DEFAULT_BACKEND, build_parser, check_launch_flags, resolve_config
-from .train_plan import SHAPES_TRAIN_SEED, Plan, load_data, prepare, resume_hint, warn_skipped
-from .training import (Generators, TrainState, draw_micro_batch, initial_train_state, make_generators, make_grad_fn, make_loss_fn,
-                       make_optimizer, train_step)
-from .training_checkpoint import CHECKPOINT, make_payload, restore
+from .train_plan import SHAPES_TRAIN_SEED, Plan, load_data, prepare, resume_hint, say_notes
+from .run_start import start_run
+from .training import draw_micro_batch, make_generators, make_grad_fn, make_loss_fn, train_step
+from .training_checkpoint import CHECKPOINT, make_payload
 
 __all__ = ["build_parser", "resolve_config", "resolve_device", "build_model", "load_data", "read_losses", "main", "SHAPES_TRAIN_SEED"]
 
 
 # ------------------------------------------------------------------------------ main
-_INTERRUPTED_BEFORE = "\ninterrupted before training started: nothing was written"
 _INTERRUPTED_AT_ONCE = "\ninterrupted: stopped at once; every checkpoint is written atomically, so the last one written is intact"
+_PREPARING = "stopping now, before training starts: nothing is written"
+_COMPILING = ("torch.compile is compiling the first step, which can take minutes and cannot be cut at a step boundary: "
+              "stopping as soon as the compiler hands back control; nothing trained is lost")
+
+
+def _stopped_before(e: BaseException) -> str:
+    """What a stop before the first training step says (a first signal, or a second Ctrl-C)."""
+    name = e.args[0] if isinstance(e, StopNow) else "SIGINT"
+    return f"{name}: stopped before training started: nothing was written"
+
+
+def _status(e: BaseException) -> int:
+    return e.exit_status if isinstance(e, StopNow) else 130
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the CLI; returns the exit status (1 for a bad file, folder or checkpoint, 130 after Ctrl-C).
+    """Run the CLI; returns the exit status (1 for a bad file, folder or checkpoint, 130 after Ctrl-C, 143 after
+    SIGTERM).
 
     Bad flags exit through ``SystemExit(2)`` (argparse's convention) with one line naming the flag.
     Under torchrun (``RANK``/``WORLD_SIZE`` set) every process trains its slice; rank 0 speaks for all.
@@ -79,29 +94,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _main_ranks(parser, argv, launch)
     args = parser.parse_args(argv)
     t_start = time.perf_counter()
-    try:
-        check_launch_flags(args, None)
-        plan, refusal = _checked_plan(args, parser)
-    except ConfigError as e:
-        parser.error(str(e))
-    except KeyboardInterrupt:
-        print(_INTERRUPTED_BEFORE, file=sys.stderr)
-        return 130
-    if refusal is not None:
-        status, message = refusal
-        if status == 2:
-            parser.exit(2, message + "\n")  # argparse's way out for a bad flag: SystemExit(2)
-        print(message, file=sys.stderr)
-        return status
-    if plan.done is not None:
-        print(plan.done)
-        return 0
-    warn_skipped(plan)
-    try:
-        return _train(args, parser, plan, t_start)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the guarded loops
-        print(_INTERRUPTED_AT_ONCE, file=sys.stderr)
-        return 130
+    with StopRequest() as stop:
+        try:
+            with stop.phase(_PREPARING, at_once=True):
+                check_launch_flags(args, None)
+                plan, refusal = _checked_plan(args, parser)
+        except ConfigError as e:
+            parser.error(str(e))
+        except (KeyboardInterrupt, StopNow) as e:
+            print(_stopped_before(e), file=sys.stderr)
+            return _status(e)
+        if refusal is not None:
+            status, message = refusal
+            if status == 2:
+                parser.exit(2, message + "\n")  # argparse's way out for a bad flag: SystemExit(2)
+            print(message, file=sys.stderr)
+            return status
+        if plan.done is not None:
+            print(plan.done)
+            return 0
+        say_notes(plan)
+        try:
+            return _train(args, parser, plan, t_start, stop)
+        except StopNow as e:  # while the run folder was being made (and was removed)
+            print(_stopped_before(e), file=sys.stderr)
+            return e.exit_status
+        except KeyboardInterrupt:  # a second Ctrl-C, or one outside the guarded loops
+            print(_INTERRUPTED_AT_ONCE, file=sys.stderr)
+            return 130
 
 
 def _checked_plan(args: argparse.Namespace, parser: argparse.ArgumentParser,
@@ -132,32 +152,44 @@ def _main_ranks(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], 
             parser.error(str(e))
         let_the_reporting_rank_speak()
         return 2
-    try:
-        dp = start_data_parallel(launch, device, backend, timeout_s=args.dist_timeout or DEFAULT_TIMEOUT_S, zero=bool(args.zero),
-                                 bucket_cap_mb=args.bucket_cap_mb or pf.distributed.DEFAULT_BUCKET_CAP_MB)
-    except LaunchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    try:
-        return _run_ranks(args, parser, dp, t_start)
-    except RankFailure as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        if dp.is_writer:
-            print(_INTERRUPTED_AT_ONCE, file=sys.stderr)
-        return 130
-    finally:
-        dp.close()
+    with StopRequest(announce=launch.is_writer) as stop:
+        try:
+            with stop.phase(_PREPARING, at_once=True):
+                dp = start_data_parallel(launch, device, backend, timeout_s=args.dist_timeout or DEFAULT_TIMEOUT_S,
+                                         zero=bool(args.zero), bucket_cap_mb=args.bucket_cap_mb or pf.distributed.DEFAULT_BUCKET_CAP_MB)
+        except LaunchError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except (KeyboardInterrupt, StopNow) as e:
+            if launch.is_writer:
+                print(_stopped_before(e), file=sys.stderr)
+            return _status(e)
+        try:
+            return _run_ranks(args, parser, dp, t_start, stop)
+        except RankFailure as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except StopNow as e:
+            if dp.is_writer:
+                print(_stopped_before(e), file=sys.stderr)
+            return e.exit_status
+        except KeyboardInterrupt:
+            if dp.is_writer:
+                print(_INTERRUPTED_AT_ONCE, file=sys.stderr)
+            return 130
+        finally:
+            dp.close()
 
 
-def _run_ranks(args: argparse.Namespace, parser: argparse.ArgumentParser, dp: DataParallel, t_start: float) -> int:
+def _run_ranks(args: argparse.Namespace, parser: argparse.ArgumentParser, dp: DataParallel, t_start: float,
+               stop: StopRequest) -> int:
     try:
-        plan, outcome = _checked_plan(args, parser, dp)
-    except KeyboardInterrupt:
+        with stop.phase(_PREPARING, at_once=True):
+            plan, outcome = _checked_plan(args, parser, dp)
+    except (KeyboardInterrupt, StopNow) as e:
         if dp.is_writer:
-            print(_INTERRUPTED_BEFORE, file=sys.stderr)
-        return 130
+            print(_stopped_before(e), file=sys.stderr)
+        return _status(e)
     outcomes = dp.gather(outcome, "agreeing on the checks")
     failed = [o for o in outcomes if o is not None]
     if failed:  # every rank stops; rank 0 says why, another rank only what rank 0 did not say
@@ -169,8 +201,8 @@ def _run_ranks(args: argparse.Namespace, parser: argparse.ArgumentParser, dp: Da
             print(plan.done)
         return 0
     if dp.is_writer:
-        warn_skipped(plan)
-    return _train(args, parser, plan, t_start, dp)
+        say_notes(plan)
+    return _train(args, parser, plan, t_start, stop, dp)
 
 
 # ------------------------------------------------------------------------------ training
@@ -184,63 +216,7 @@ class _Silent:
         pass
 
 
-def _start(plan: Plan, cfg: TrainConfig, device: torch.device, gens: Generators, args: argparse.Namespace,
-           parser: argparse.ArgumentParser, dp: Optional[DataParallel]) -> tuple[Optional[TrainState], Optional[Path], int]:
-    """``(train state, run folder, exit status)``: restored from the checkpoint, or new in a new run folder (rank 0 makes
-    it); the state is ``None`` when the run cannot start (the message is printed; the status says how it ended)."""
-    writer = dp is None or dp.is_writer
-    net = plan.net
-    factory = make_optimizer if dp is None else dp.make_optimizer
-    if plan.payload is not None:
-        run_dir = plan.run_dir
-        where = str(run_dir / CHECKPOINT)
-        try:
-            ts = restore(plan.payload, net, cfg, device, gens, where, factory)
-        except ConfigError as e:  # the same on every rank: rank 0 says it
-            if dp is None:
-                parser.error(str(e))
-            if writer:
-                print(f"error: {e}\n({parser.prog} --help explains every flag)", file=sys.stderr)
-            return None, run_dir, 2
-        except CheckpointError as e:
-            if writer:
-                print(f"error: {e}", file=sys.stderr)
-            return None, run_dir, 1
-        if writer:
-            try:
-                truncate_losses(run_dir / LOSSES, ts.step)
-            except OSError as e:
-                print(f"error: cannot rewrite {run_dir / LOSSES}: {e.strerror or e}", file=sys.stderr)
-                return None, run_dir, 1
-            print(f"resuming {run_dir} at step {ts.step}/{cfg.steps}")
-        return ts, run_dir, 0
-    run_dir = None
-    if writer:
-        try:
-            run_dir = new_timestamped_folder(args.results_dir, f"{cfg.dataset}_{cfg.image_size}px_dim{cfg.dim}")
-        except OSError as e:
-            print(f"error: cannot create the run folder under --results-dir {args.results_dir!r}: {e.strerror or e}", file=sys.stderr)
-    if dp is not None:
-        run_dir = dp.from_writer(run_dir, "hearing the run folder from rank 0")
-    if run_dir is None:
-        return None, None, 1
-    try:
-        ts = initial_train_state(net, cfg.seed, device, cfg.lr, cfg.weight_decay, factory)
-        if writer:
-            save_image_grid(run_dir / "data.png", plan.data[: cfg.num_samples].cpu(), nrow=int(math.sqrt(cfg.num_samples)) or 1, scale=4)
-    except (OSError, ValueError) as e:
-        if writer:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            print(f"error: cannot write in the new run folder {run_dir}: {e}; removed it", file=sys.stderr)
-        return None, run_dir, 1
-    except KeyboardInterrupt:  # before the loop that turns Ctrl-C into a clean stop: leave no half-made folder
-        if writer:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    return ts, run_dir, 0
-
-
-def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: Plan, t_start: float,
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: Plan, t_start: float, stop: StopRequest,
            dp: Optional[DataParallel] = None) -> int:
     cfg, device, net = plan.cfg, plan.device, plan.net
     writer = dp is None or dp.is_writer
@@ -248,7 +224,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: Plan
     diffusion = plan.diffusion.to(device)
     data = plan.data.to(device)
     gens = make_generators(cfg.seed, data.shape[0], cfg.batch_size, device)
-    ts, run_dir, status = _start(plan, cfg, device, gens, args, parser, dp)
+    with stop.phase(_PREPARING, at_once=True):
+        ts, run_dir, status = start_run(plan, cfg, device, gens, args, parser, dp)
     if ts is None:
         return status
     created = plan.payload is None and writer
@@ -300,17 +277,28 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: Plan
         return train_step(ts, grad_fn, micro, max_grad_norm=cfg.max_grad_norm, ema_decay=cfg.ema_decay,
                           ema_every=cfg.ema_every, ema_after=cfg.ema_after, average=average)
 
+    compiling = cfg.compile  # the first step compiles: a stop then is at once (nothing is saved, nothing lost)
+
+    def first_or_next_step() -> float:
+        nonlocal compiling
+        if not compiling:
+            return step() if dp is None else dp.collective("the training step", step)
+        with stop.phase(_COMPILING, at_once=True):
+            loss = step() if dp is None else dp.collective("the training step", step)
+        compiling = False
+        return loss
+
     bar = progress(cfg.steps, initial=start_step, desc="train", unit="step", log_every=cfg.log_every) if writer else _Silent()
     t_train = time.perf_counter()
     try:
-        with StopRequest() as stop, (open(run_dir / LOSSES, "a") if writer else contextlib.nullcontext()) as log:
+        with (open(run_dir / LOSSES, "a") if writer else contextlib.nullcontext()) as log:
             agreed_stop = False
             while ts.step < cfg.steps and not (stop.requested if dp is None else agreed_stop):
                 if dp is None:
-                    loss = step()
+                    loss = first_or_next_step()
                 else:
                     before = ts.state
-                    loss = dp.collective("the training step", step)
+                    loss = first_or_next_step()
                     loss, agreed_stop = dp.agree(loss, stop.requested)  # the global mean; any rank's Ctrl-C stops all
                     ts.state = dp.sync_buffers(before, ts.state)
                 if not math.isfinite(loss):
@@ -324,7 +312,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: Plan
                 bar.update(1, loss=loss, **{"img/s": (ts.step - start_step) * images_per_step / max(elapsed, 1e-9)})
                 if ts.step % cfg.checkpoint_every == 0 or ts.step == cfg.steps:
                     save()
-            if stop.requested or agreed_stop:
+            if (stop.requested or agreed_stop) and ts.step < cfg.steps:  # after the last step: the sampling says it
                 if saved_step != ts.step:
                     save()
                 bar.close()
@@ -348,6 +336,16 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: Plan
         print(f"error: cannot write {run_dir / LOSSES}: {e.strerror or e}; training stopped at step {ts.step}; {last_checkpoint()}",
               file=sys.stderr)
         return 1
+    except StopNow as e:  # while compiling the first step: nothing of this call's training to save
+        bar.close()
+        if created and saved_step is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            say(f"{e}: stopped while compiling the first step, before any training: removed {run_dir}; "
+                f"run the same command again to start over", file=sys.stderr)
+        else:
+            say(f"{e}: stopped while compiling, before step {saved_step + 1} was trained; {last_checkpoint()}; "
+                f"resume with: {resume_hint(run_dir, dp)}", file=sys.stderr)
+        return e.exit_status
     except KeyboardInterrupt:
         bar.close()
         if created and saved_step is None:
@@ -365,7 +363,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: Plan
         dp.close(together=True)  # the training is over: rank 0 samples and scores alone
         if not writer:
             return 0
-    return finish_run(run_dir, cfg, net, diffusion, ts, data, device, times)
+    return finish_run(run_dir, cfg, net, diffusion, ts, data, device, times, stop, score=plan.score)
 
 
 if __name__ == "__main__":

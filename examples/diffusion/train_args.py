@@ -16,18 +16,35 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from typing import Any, Optional
 
 import pfunc as pf
+from examples.commands import python_command, shown_path
 
 from .cli import ShortErrorParser
 from .config import PRESETS, RUN_OPTIONS, ConfigError, TrainConfig, config_differences, flag, validate
 from .data_parallel import DEFAULT_TIMEOUT_S
 
-__all__ = ["PROG", "SAMPLE_PROG", "DEFAULT_BACKEND", "build_parser", "resolve_config", "steps_for_epochs", "check_launch_flags", "check_world_size"]
+__all__ = ["train_command", "sample_command", "DEFAULT_BACKEND", "build_parser", "resolve_config", "steps_for_epochs",
+           "check_launch_flags", "check_world_size"]
 
-PROG = "python -m examples.diffusion.train"
-SAMPLE_PROG = "python -m examples.diffusion.sample"
+
+def train_command() -> str:
+    """The training command as this process was started (``.venv/bin/python -m examples.diffusion.train``)."""
+    return python_command("examples.diffusion.train")
+
+
+def torchrun_command() -> str:
+    """The ``torchrun`` installed beside this interpreter (``.venv/bin/torchrun``), as :func:`~examples.commands.shown_path`
+    writes it."""
+    return shown_path(os.path.join(os.path.dirname(sys.executable), "torchrun"))
+
+
+def sample_command() -> str:
+    """The sampling command, with this process's interpreter (``.venv/bin/python -m examples.diffusion.sample``)."""
+    return python_command("examples.diffusion.sample")
+
 DEFAULT_BACKEND = "inductor"
 _LAUNCH_FLAGS = ("backend", "dist_timeout", "zero", "bucket_cap_mb")
 
@@ -51,10 +68,10 @@ def _mults(text: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     """The CLI. Every config flag defaults to ``None`` so that :func:`resolve_config` knows what was given."""
     p = ShortErrorParser(
-        prog=PROG,
+        prog=train_command(),
         description="Train the classic DDPM Unet (Ho et al.; the denoising-diffusion-pytorch layout) functionally "
         "(torch.func + pfunc parametrizations) on embedded procedurally drawn shapes or a folder of images, then "
-        f"sample and score it. New samples from a trained run: {SAMPLE_PROG} RUN.",
+        f"sample and score it. New samples from a trained run: {sample_command()} RUN.",
     )
     run = p.add_argument_group("run")
     run.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -67,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto",
                      help="'auto' (the first CUDA device, else CPU; the default), 'cpu', 'cuda', 'cuda:N' or 'mps'")
     run.add_argument("--threads", type=int, default=None,
-                     help="CPU threads for torch (default: one per idle core: the core count less the load average, "
+                     help="CPU threads for torch (default: one per core found idle over half a second at start-up, "
                      "since threads fighting other jobs for the cores run about ten times slower; the run says so)")
     run.add_argument("--seed", type=int, help="seed of the model init, batch order, noise and sampling, in [0, 2**63)" + _preset_note("seed"))
     run.add_argument("--results-dir", default="results", help="parent folder of the timestamped run folder (default: results)")
@@ -200,8 +217,8 @@ def check_launch_flags(args: argparse.Namespace, world_size: Optional[int]) -> N
         given = [flag(n) for n in _LAUNCH_FLAGS if getattr(args, n) is not None]
         if given:
             raise ConfigError(
-                f"{given[0]} is for a run across several processes; launch one with torchrun --nproc_per_node=N -m "
-                "examples.diffusion.train ... (one process needs no such flag)"
+                f"{given[0]} is for a run across several processes; launch one with {torchrun_command()} --standalone "
+                "--nproc_per_node=N -m examples.diffusion.train ... (one process needs no such flag)"
             )
         return
     if args.dist_timeout is not None and not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):

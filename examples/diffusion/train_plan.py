@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +29,17 @@ from .data import BadImageError, draw_shapes, load_image_folder
 from .data_parallel import DataParallel
 from .folders import FolderError, check_can_create, check_writable
 from .model import build_model
-from .train_args import DEFAULT_BACKEND, PROG, SAMPLE_PROG, check_world_size, resolve_config, steps_for_epochs
+from .train_args import DEFAULT_BACKEND, check_world_size, sample_command, train_command, resolve_config, steps_for_epochs
 from .training_checkpoint import check_fits, check_payload, checkpoint_path
 
-__all__ = ["Plan", "prepare", "load_data", "finished_message", "warn_skipped", "resume_hint", "SHAPES_TRAIN_SEED"]
+__all__ = ["Plan", "prepare", "load_data", "finished_message", "say_notes", "resume_hint", "scored_samples", "SHAPES_TRAIN_SEED",
+           "TRIAL_STEPS"]
 
 SHAPES_TRAIN_SEED = 0  # the embedded training set is the same for every --seed
+#: Below this many steps a run is a trial: its end-of-run quality score is skipped unless --eval-samples is given
+#: (a 30-step run took 3 min 9 s: 16 s of training, the rest mostly sampling 500 images for an FCD of 2110,
+#: which says nothing).
+TRIAL_STEPS = 500
 
 
 def load_data(cfg: TrainConfig, *, skip_bad: bool = False) -> tuple[torch.Tensor, list[str]]:
@@ -54,7 +60,7 @@ def load_data(cfg: TrainConfig, *, skip_bad: bool = False) -> tuple[torch.Tensor
 
 def resume_hint(run_dir: Path, dp: Optional[DataParallel] = None) -> str:
     """The command that resumes ``run_dir``: on one process, or on as many as ``dp``'s run."""
-    return f"{PROG} --resume {run_dir}" if dp is None else dp.resume_command(run_dir)
+    return f"{train_command()} --resume {shlex.quote(str(run_dir))}" if dp is None else dp.resume_command(run_dir)
 
 
 @dataclass
@@ -70,6 +76,8 @@ class Plan:
     payload: Optional[dict] = None
     run_dir: Optional[Path] = None  # an existing run (resume)
     done: Optional[str] = None  # set when there is nothing to do: the message
+    score: int = 0  # images sampled for the end-of-run quality score (0: none; see scored_samples)
+    notes: tuple[str, ...] = ()  # printed once every check has passed (the thread choice)
 
 
 def prepare(args: argparse.Namespace, dp: Optional[DataParallel] = None) -> Plan:
@@ -104,9 +112,13 @@ def prepare(args: argparse.Namespace, dp: Optional[DataParallel] = None) -> Plan
         check_memory(f"--train-size {cfg.train_size}", cfg.train_size * image_bytes)
     n_sampled = max(cfg.num_samples, cfg.eval_samples)
     check_memory(f"--num-samples {cfg.num_samples} / --eval-samples {cfg.eval_samples}", n_sampled * image_bytes)
+    if args.compile_backend is not None and not args.compile_backend.strip():
+        raise ConfigError(f"--compile-backend must name a torch.compile backend (e.g. {DEFAULT_BACKEND}), got {args.compile_backend!r}")
     if args.compile_backend is not None or cfg.compile:
         check_compile_backend(args.compile_backend or DEFAULT_BACKEND)
-    _, net, diffusion = build_model(cfg)
+    unet, net, diffusion = build_model(cfg)
+    if args.preset == "gpu" and args.device == "auto" and device.type == "cpu":
+        check_gpu_preset_on_cpu(cfg, sum(v.numel() for v in unet.parameters()))
 
     run_dir = None
     if payload is not None:
@@ -116,7 +128,7 @@ def prepare(args: argparse.Namespace, dp: Optional[DataParallel] = None) -> Plan
         if args.steps is not None and args.steps < step:
             raise ConfigError(
                 f"--steps {args.steps} is below the checkpoint's step {step}: a run cannot train backwards "
-                f"(pass --steps above {step} to train longer, or draw samples with: {SAMPLE_PROG} {run_dir})"
+                f"(pass --steps above {step} to train longer, or draw samples with: {sample_command()} {shlex.quote(str(run_dir))})"
             )
         if args.epochs is None and step >= cfg.steps:
             return Plan(cfg, device, net, diffusion, torch.empty(0), [], payload, run_dir, done=finished_message(run_dir, step, dp))
@@ -128,9 +140,7 @@ def prepare(args: argparse.Namespace, dp: Optional[DataParallel] = None) -> Plan
     elif writer:
         check_can_create(args.results_dir, "--results-dir")
 
-    note = choose_threads(args.threads)  # after every flag check, before the first real work
-    if note and writer:
-        print(note, file=sys.stderr)
+    note = choose_threads(args.threads)  # before the first real work; said once every check has passed (say_notes)
     data, skipped = load_data(cfg, skip_bad=args.skip_bad_images)
     if args.epochs is not None:
         cfg = cfg.replace(steps=steps_for_epochs(args.epochs, cfg, data.shape[0]))
@@ -139,19 +149,42 @@ def prepare(args: argparse.Namespace, dp: Optional[DataParallel] = None) -> Plan
                 raise ConfigError(f"--epochs {args.epochs:g} is {cfg.steps} steps, below the checkpoint's step {payload['step']}")
             if cfg.steps == payload["step"]:
                 return Plan(cfg, device, net, diffusion, data, skipped, payload, run_dir, done=finished_message(run_dir, payload["step"], dp))
-    return Plan(cfg, device, net, diffusion, data, skipped, payload, run_dir)
+    return Plan(cfg, device, net, diffusion, data, skipped, payload, run_dir, score=scored_samples(cfg, args.eval_samples),
+                notes=(note,) if note and writer else ())
+
+
+def scored_samples(cfg: TrainConfig, given: Optional[int]) -> int:
+    """The images the end of the run samples for its quality score: ``--eval-samples`` when given, else the preset's
+    (or the checkpoint's) value for a run of at least :data:`TRIAL_STEPS` steps, and none for a shorter trial run."""
+    if given is not None or cfg.steps >= TRIAL_STEPS:
+        return cfg.eval_samples
+    return 0
+
+
+def check_gpu_preset_on_cpu(cfg: TrainConfig, num_params: int) -> None:
+    """:class:`~.config.ConfigError` naming ``--preset gpu`` when ``--device auto`` found no GPU: the run would train
+    the preset's large Unet on the CPU for days. ``--device cpu`` says the user means it."""
+    extras = " + ".join(name for name, on in (("bf16", cfg.bf16), ("torch.compile", cfg.compile)) if on)
+    raise ConfigError(
+        f"--preset gpu is sized for a GPU ({num_params / 1e6:.1f}M params, {cfg.steps} steps of {cfg.batch_size} images at "
+        f"{cfg.image_size}px{', ' + extras if extras else ''}) and this machine has no CUDA device: on the CPU it would run "
+        "for days. Pass --device cpu to run it on the CPU anyway, or leave out --preset gpu for the CPU preset (minutes)"
+    )
 
 
 def finished_message(run_dir: Path, step: int, dp: Optional[DataParallel]) -> str:
     """What resuming a run that is already trained to ``step`` says (and does nothing else)."""
     return (
         f"{run_dir} is already trained to step {step}: nothing to train, nothing written. Train longer with "
-        f"{resume_hint(run_dir, dp)} --steps N (N > {step}); draw new samples with: {SAMPLE_PROG} {run_dir}"
+        f"{resume_hint(run_dir, dp)} --steps N (N > {step}); draw new samples with: {sample_command()} {shlex.quote(str(run_dir))}"
     )
 
 
-def warn_skipped(plan: Plan) -> None:
-    """Print the bad image files ``--skip-bad-images`` left out (the first 10) and their count."""
+def say_notes(plan: Plan) -> None:
+    """Once every check has passed: the notes (the thread choice), then the bad image files ``--skip-bad-images``
+    left out (the first 10) and their count."""
+    for note in plan.notes:
+        print(note, file=sys.stderr)
     for message in plan.skipped[:10]:
         print(f"warning: skipped {message}", file=sys.stderr)
     if plan.skipped:

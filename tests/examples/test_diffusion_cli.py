@@ -11,8 +11,9 @@ from PIL import Image
 
 from examples.diffusion.checkpoint import load_checkpoint, save_checkpoint
 from examples.diffusion.config import PRESETS, TrainConfig
-from examples.diffusion.data import draw_shapes
+from examples.diffusion.data import draw_shapes, image_extensions
 from examples.diffusion.train import build_parser, main, resolve_device
+from examples.diffusion.train_args import sample_command, train_command
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/examples/conftest.py
@@ -23,6 +24,9 @@ TINY = [
     "--attn-dim-head", "8", "--resnet-block-groups", "4", "--batch-size", "4", "--train-size", "32",
     "--sampling-steps", "2", "--num-samples", "4", "--eval-samples", "0", "--timesteps", "50",
 ]
+
+
+HINT = f"({train_command()} --help explains every flag)"
 
 
 def _fails(argv, capsys, tmp_path, code=2):
@@ -83,7 +87,7 @@ def test_bad_values_fail_before_any_work_naming_the_flag(argv, message, capsys, 
     err = _fails([*TINY, *argv], capsys, tmp_path)
     assert message in err
     # one line of error and one line of usage hint, not the whole usage
-    assert err.splitlines() == [f"error: {err.splitlines()[0][len('error: '):]}", "(python -m examples.diffusion.train --help explains every flag)"]
+    assert err.splitlines() == [f"error: {err.splitlines()[0][len('error: '):]}", HINT]
     assert "usage:" not in err
 
 
@@ -91,7 +95,7 @@ def test_an_unknown_or_malformed_flag_prints_the_error_and_a_one_line_hint(capsy
     for argv, message in ((["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
                           (["--steps", "many"], "argument --steps: invalid int value: 'many'")):
         err = _fails(argv, capsys, tmp_path)
-        assert err.splitlines() == [f"error: {message}", "(python -m examples.diffusion.train --help explains every flag)"]
+        assert err.splitlines() == [f"error: {message}", HINT]
 
 
 def test_results_dir_empty_is_a_flag_error(capsys, tmp_path):
@@ -242,7 +246,7 @@ def test_resuming_a_finished_run_changes_nothing_and_says_how_to_sample(finished
     assert main(["--resume", str(finished_run)]) == 0
     out = capsys.readouterr().out
     assert f"{finished_run} is already trained to step 3: nothing to train, nothing written" in out
-    assert f"python -m examples.diffusion.sample {finished_run}" in out and "wrote" not in out
+    assert f"{sample_command()} {finished_run}" in out and "wrote" not in out
     assert _snapshot(finished_run) == before and not (finished_run / "samples").exists()
     assert main(["--resume", str(finished_run), "--steps", "3"]) == 0
     assert _snapshot(finished_run) == before
@@ -327,3 +331,62 @@ def test_a_malformed_image_in_the_data_is_refused_by_name_or_skipped_with_a_coun
     err = capsys.readouterr().err
     assert f"warning: skipped {images / '3.png'} cannot be decoded" in err
     assert "warning: --skip-bad-images left out 1 of 9 image files" in err
+
+
+# ------------------------------------------------------------------------------ issue 19: flags, the GPU preset, trial runs
+@pytest.mark.parametrize("argv, line", [
+    (["--step", "3"], "error: unrecognized arguments: --step 3 (--step: did you mean --steps?)"),   # no prefix matching
+    (["--stpes", "3"], "error: unrecognized arguments: --stpes 3 (--stpes: did you mean --steps?)"),
+    (["--image-size", "2", "--dim-mults", "1"],
+     "error: --image-size must be at least 4 for --dataset shapes (the smallest the shapes are drawn at), got 2"),
+    (["--compile", "--compile-backend", ""], "error: --compile-backend must name a torch.compile backend (e.g. inductor), got ''"),
+])
+def test_prefixes_misspellings_a_too_small_image_and_an_empty_backend_are_one_line_each(argv, line, capsys, tmp_path):
+    assert _fails([*TINY, *argv], capsys, tmp_path).splitlines() == [line, HINT]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without a GPU")
+def test_the_gpu_preset_on_a_machine_without_a_gpu_is_refused_in_one_line_unless_the_cpu_is_asked_for(capsys, tmp_path):
+    err = _fails(["--preset", "gpu"], capsys, tmp_path)
+    assert err.splitlines() == [
+        "error: --preset gpu is sized for a GPU (35.7M params, 20000 steps of 128 images at 32px, bf16 + torch.compile) and "
+        "this machine has no CUDA device: on the CPU it would run for days. Pass --device cpu to run it on the CPU anyway, "
+        "or leave out --preset gpu for the CPU preset (minutes)", HINT]
+    # --device cpu says the user means it: the preset runs (here shrunk by flags to finish in a second)
+    small = ["--dim", "8", "--dim-mults", "1,2", "--attn-heads", "1", "--attn-dim-head", "8", "--resnet-block-groups", "4",
+             "--train-size", "8", "--batch-size", "8", "--no-compile", "--steps", "1", "--num-samples", "1",
+             "--sampling-steps", "2", "--eval-samples", "0"]
+    assert main(["--preset", "gpu", "--device", "cpu", *small, "--results-dir", str(tmp_path / "results")]) == 0
+
+
+def test_the_busy_machine_note_comes_only_after_every_check_passed(capsys, tmp_path, monkeypatch):
+    import examples.threads as threads
+
+    monkeypatch.setattr(threads, "idle_cores", lambda: 1.0, raising=False)   # a busy machine: one of two cores idle
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))             # (and what an older measure said)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = _fails([*TINY, "--dataset", "folder", "--data-dir", str(empty)], capsys, tmp_path)
+    assert err.splitlines() == [
+        f"error: --data-dir: no images under {str(empty)!r} (files ending in .png, .jpg, .jpeg, .webp, .bmp, .gif, .tif, "
+        f".tiff, or one of the {len(image_extensions()) - 8} other extensions Pillow reads)", HINT]
+    assert main([*TINY, "--steps", "1", "--results-dir", str(tmp_path / "results")]) == 0   # a run that starts says it
+    assert "note: this machine is busy (1.0 of 2 cores idle" in capsys.readouterr().err
+
+
+def test_a_trial_run_skips_the_score_says_how_to_get_it_and_the_closing_line_lists_every_file_written(capsys, tmp_path):
+    argv = [a for a in TINY]
+    del argv[argv.index("--eval-samples"):argv.index("--eval-samples") + 2]   # the preset's 500 scored samples
+    assert main([*argv, "--steps", "3", "--results-dir", str(tmp_path / "results")]) == 0
+    (run,) = list((tmp_path / "results").iterdir())
+    out = capsys.readouterr().out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["quality"] == {} and metrics["config"]["eval_samples"] == 500
+    assert (f"no sample quality score for a trial run of 3 steps, where it says little (pass --eval-samples 500 to score "
+            f"anyway); score this run with: {sample_command()} {run} --score --num-samples 500") in out
+    closing = next(line for line in out.splitlines() if line.startswith(f"wrote {run}: "))
+    listed = [name.split(" ")[0] for name in closing[len(f"wrote {run}: "):].split(" in ")[0].split(", ")]
+    assert sorted(listed) == sorted(p.name for p in run.iterdir())

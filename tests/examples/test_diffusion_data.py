@@ -252,3 +252,87 @@ def test_batch_order_covers_each_epoch_once_and_resumes_exactly():
     assert all(torch.equal(a, b) for a, b in zip(ahead, [other.next() for _ in range(5)]))
     with pytest.raises(ValueError, match="larger than the data set"):
         BatchOrder(2, 3, torch.Generator())
+
+
+# ------------------------------------------------------------------------------ image data shorter or longer than its header
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _inflated(blob: bytes) -> bytes:
+    return zlib.decompress(b"".join(blob[i + 8 : i + 8 + n] for k, i, n in _chunks(blob) if k == b"IDAT"))
+
+
+def _with_idat(blob: bytes, raw: bytes, pieces: int = 1) -> bytes:
+    """``blob`` with its image data replaced by ``raw`` (one complete zlib stream, in ``pieces`` IDAT chunks)."""
+    stream = zlib.compress(raw, 9)
+    cut = [len(stream) * j // pieces for j in range(pieces + 1)]
+    out = blob[:8]
+    for k, i, n in _chunks(blob):
+        if k == b"IDAT":
+            out += b"".join(_chunk(b"IDAT", stream[a:b]) for a, b in zip(cut, cut[1:]))
+        else:
+            out += blob[i : i + 12 + n]
+    return out
+
+
+def _interlaced_gray(width: int, height: int, raw: bytes) -> bytes:
+    """An Adam7-interlaced 8-bit grayscale PNG holding ``raw`` as its (filter 0) image data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 1)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
+
+
+def test_png_data_shorter_or_longer_than_its_header_declares_is_refused_naming_the_file(tmp_path):
+    good = _png_bytes(Image.fromarray(_pattern(8, 8).numpy()))
+    raw = _inflated(good)
+    assert len(raw) == 8 * (1 + 8 * 3)
+    row = 1 + 8 * 3
+    (tmp_path / "two_idat.png").write_bytes(_with_idat(good, raw, pieces=2))   # split data is still whole
+    assert torch.equal(read_image(tmp_path / "two_idat.png", 8, 3), read_image(_write(tmp_path, "good.png", good), 8, 3))
+    short = _write(tmp_path, "short.png", _with_idat(good, raw[: 6 * row]))   # a complete stream, two rows early
+    with Image.open(short) as im:
+        im.load()   # Pillow decodes it without a word (the missing rows black): the reason for the check
+    with pytest.raises(BadImageError) as e:
+        read_image(short, 8, 3)
+    assert str(e.value) == (f"{short}: its image data holds {6 * row} bytes where its header (8x8, 8-bit, colour type 2) "
+                            f"declares {8 * row}: the data ends early (rows missing)")
+    long = _write(tmp_path, "long.png", _with_idat(good, raw + raw[:row]))
+    with pytest.raises(BadImageError, match=f"^{long}: its image data holds more than the {8 * row} bytes its header"):
+        read_image(long, 8, 3)
+    images = tmp_path / "folder"
+    images.mkdir()
+    for name in ("good.png", "short.png"):
+        (images / name).write_bytes((tmp_path / name).read_bytes())
+    with pytest.raises(BadImageError, match="short.png: its image data holds"):
+        load_image_folder(images, 8, 3)
+    assert load_image_folder(images, 8, 3, skip_bad=True).images.shape[0] == 1
+
+
+def _write(folder, name, blob):
+    (folder / name).write_bytes(blob)
+    return folder / name
+
+
+def test_an_interlaced_png_is_measured_pass_by_pass(tmp_path):
+    # Adam7 on 5x3, (columns x rows) of each pass: 1x1, 1x1, none (starts at row 4), 1x1, 3x1, 2x2, 5x1; each row
+    # one filter byte more: 2 + 2 + 0 + 2 + 4 + 2*3 + 6 = 22 bytes
+    whole = bytes(22)
+    assert read_image(_write(tmp_path, "whole.png", _interlaced_gray(5, 3, whole)), 4, 1).shape == (1, 4, 4)
+    with pytest.raises(BadImageError, match="holds 16 bytes where its header .5x3, 8-bit, colour type 0. declares 22"):
+        read_image(_write(tmp_path, "short.png", _interlaced_gray(5, 3, whole[:-6])), 4, 1)
+
+
+def test_a_png_whose_data_inflates_far_past_its_header_is_refused_in_bounded_memory(tmp_path):
+    import tracemalloc
+
+    good = _png_bytes(Image.fromarray(_pattern(8, 8).numpy()))
+    bomb = _write(tmp_path, "bomb.png", _with_idat(good, bytes(256 << 20)))   # 256 MiB of data behind an 8x8 header
+    assert bomb.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadImageError, match="runs long"):
+            read_image(bomb, 8, 3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak / 2**20:.1f} MiB"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from examples.commands import shown_path
 from examples.diffusion.checkpoint import load_checkpoint
 from examples.diffusion.train import main, read_losses
 
@@ -118,7 +119,8 @@ def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_the_resumed_run_contin
     at_stop = load_checkpoint(run / "checkpoint.pt")["step"]
     assert 5 <= at_stop < 400
     assert f"SIGINT: stopped at step {at_stop}/400 and saved {run / 'checkpoint.pt'}; " \
-           f"resume with: python -m examples.diffusion.train --resume {run}" in out
+           f"resume with: {shown_path(sys.executable, str(REPO))} -m examples.diffusion.train --resume {run}" in out
+    assert "SIGINT received: finishing the current step, then saving a checkpoint and stopping" in out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out
     assert [s for s, _ in read_losses(run / "losses.jsonl")] == list(range(1, at_stop + 1))
     assert not list(run.glob(".checkpoint.pt.tmp*")) and not (run / "samples.png").exists()

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from examples.diffusion import sample, train
+from examples.diffusion.train_args import sample_command
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/examples/conftest.py
@@ -30,7 +31,7 @@ TINY = [
     "--sampling-steps", "2", "--num-samples", "4", "--eval-samples", "0", "--timesteps", "50",
     "--ema-after", "0", "--seed", "11",
 ]
-HINT = "(python -m examples.diffusion.sample --help explains every flag)"
+HINT = f"({sample_command()} --help explains every flag)"
 
 
 @pytest.fixture(scope="module")

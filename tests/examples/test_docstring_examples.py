@@ -1,4 +1,5 @@
-"""The runnable examples in the docstrings of the modules that launch and split work across processes."""
+"""The runnable examples in the docstrings of the modules that launch and split work across processes, print
+commands, choose threads, check PNG data and turn signals into stops."""
 
 import doctest
 import importlib
@@ -11,6 +12,10 @@ import pytest
     "examples.diffusion.train_args",
     "examples.diffusion.run_outputs",
     "examples.ensemble_report",
+    "examples.commands",
+    "examples.threads",
+    "examples.diffusion.png_data",
+    "examples.diffusion.interrupt",
 ])
 def test_the_docstring_examples_run(name):
     result = doctest.testmod(importlib.import_module(name))
