@@ -12,7 +12,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from . import subjects as s
 
@@ -421,7 +420,7 @@ MUTANTS: list[Mutant] = [
     _m("StiefelSignOfDiagonal", "StiefelQR", "edge", "sign(diag R) is 0 on a zero column", StiefelSignOfDiagonal, "edge_of_domain"),
     _m("StiefelNoSignFix", "StiefelQR", "value", "no sign fix: QR not unique, round trip flips columns", StiefelNoSignFix, "right_inverse_round_trips"),
     _m("StiefelCompleteQ", "StiefelQR", "value", "mode='complete' returns n x n", StiefelCompleteQ, "keeps_shape_and_dtype"),
-    _m("StiefelDiagOf2D", "StiefelQR", "batch", "diagonal over dims (0, 1): right on 2-D only", StiefelDiagOf2D, "forward_runs"),
+    _m("StiefelDiagOf2D", "StiefelQR", "batch", "diagonal over dims (0, 1): right on 2-D only", StiefelDiagOf2D, "batched_forward_matches_per_item"),
     _m("SoftplusByLogOnePlusExp", "SoftplusPositive", "edge", "log(1 + exp(X)) overflows for large X", SoftplusByLogOnePlusExp, "edge_of_domain"),
     _m("SoftplusOfData", "SoftplusPositive", "gradient", "softplus(X.data): gradient cut", SoftplusOfData, "gradient_reaches_every_original"),
     _m("SoftplusBetaMismatch", "SoftplusPositive", "value", "forward uses beta=2, right_inverse beta=1", SoftplusBetaMismatch, "right_inverse_round_trips"),
@@ -431,21 +430,21 @@ MUTANTS: list[Mutant] = [
     _m("SoftmaxDetachedNormalizer", "SoftmaxRows", "gradient", "normalizer detached: wrong gradient", SoftmaxDetachedNormalizer, "gradient_matches_finite_differences"),
     _m("SoftmaxRightInverseIdentity", "SoftmaxRows", "value", "right_inverse returns Y, not log Y", SoftmaxRightInverseIdentity, "right_inverse_round_trips"),
     _m("UnitNormNoEps", "UnitNormRows", "edge", "norm without eps: NaN on a zero row", UnitNormNoEps, "edge_of_domain"),
-    _m("UnitNormColumns", "UnitNormRows", "value", "normalises columns (dim=0)", UnitNormColumns, "constraint_holds"),
+    _m("UnitNormColumns", "UnitNormRows", "value", "normalises columns (dim=0)", UnitNormColumns, "batched_forward_matches_per_item"),
     _m("UnitNormNoGradNorm", "UnitNormRows", "gradient", "norm computed under no_grad: wrong gradient", UnitNormNoGradNorm, "gradient_matches_finite_differences"),
-    _m("UnitNormForgotKeepdim", "UnitNormRows", "batch", "norm without keepdim broadcasts along the wrong axis", UnitNormForgotKeepdim, "forward_runs"),
+    _m("UnitNormForgotKeepdim", "UnitNormRows", "batch", "norm without keepdim broadcasts along the wrong axis", UnitNormForgotKeepdim, "batched_forward_matches_per_item"),
     _m("CholeskyRawDiagonal", "CholeskySPD", "value", "no softplus on the diagonal: singular at a zero", CholeskyRawDiagonal, "constraint_holds"),
     _m("CholeskyRightInverseNoInverseSoftplus", "CholeskySPD", "value", "right_inverse forgets the inverse softplus", CholeskyRightInverseNoInverseSoftplus, "right_inverse_round_trips"),
     _m("CholeskyUpperFactor", "CholeskySPD", "value", "right_inverse takes the upper factor", CholeskyUpperFactor, "right_inverse_round_trips"),
-    _m("CholeskyDiagOf2D", "CholeskySPD", "batch", "torch.diag: right on 2-D only", CholeskyDiagOf2D, "forward_runs"),
-    _m("HankelNotToeplitz", "Toeplitz", "value", "index i + j: a Hankel matrix", HankelNotToeplitz, "constraint_holds"),
+    _m("CholeskyDiagOf2D", "CholeskySPD", "batch", "torch.diag: right on 2-D only", CholeskyDiagOf2D, "batched_forward_matches_per_item"),
+    _m("HankelNotToeplitz", "Toeplitz", "value", "index i + j: a Hankel matrix", HankelNotToeplitz, "constraint_holds_after_training_steps"),
     _m("ToeplitzByPythonFloats", "Toeplitz", "gradient", "entries through float(): gradient cut", ToeplitzByPythonFloats, "gradient_reaches_every_original"),
     _m("ToeplitzRowNotFlipped", "Toeplitz", "value", "right_inverse forgets to flip the first row", ToeplitzRowNotFlipped, "right_inverse_round_trips"),
     _m("SpectralNormGlobalRNG", "PowerIterationSpectralNorm", "state", "init_state draws from the global RNG", SpectralNormGlobalRNG, "init_state_is_reproducible"),
     _m("SpectralNormStateWithGraph", "PowerIterationSpectralNorm", "state", "power step outside no_grad: new state holds a graph", SpectralNormStateWithGraph, "new_state_holds_no_graph"),
     _m("SpectralNormUpdatesInEval", "PowerIterationSpectralNorm", "state", "power step in eval too", SpectralNormUpdatesInEval, "eval_keeps_state"),
     _m("SpectralNormDetachedSigma", "PowerIterationSpectralNorm", "gradient", "sigma detached: wrong gradient", SpectralNormDetachedSigma, "gradient_matches_finite_differences"),
-    _m("SpectralNormUnnormalizedStep", "PowerIterationSpectralNorm", "state", "power step without normalisation", SpectralNormUnnormalizedStep, "state_stays_finite"),
+    _m("SpectralNormUnnormalizedStep", "PowerIterationSpectralNorm", "state", "power step without normalisation", SpectralNormUnnormalizedStep, "constraint_holds"),
     _m("TorchStyleWritesInEval", "TorchStyleSpectralNorm", "state", "buffers written in eval mode too", lambda: TorchStyleWritesInEval(3, 4), "eval_writes_no_buffers"),
     _m("TorchStyleBufferWithGraph", "TorchStyleSpectralNorm", "state", "buffers reassigned outside no_grad: state holds a graph", lambda: TorchStyleBufferWithGraph(3, 4), "new_state_holds_no_graph"),
     _m("IntervalRightInverseForgetsAffine", "Interval", "value", "right_inverse forgets the affine map", IntervalRightInverseForgetsAffine, "right_inverse_round_trips"),

@@ -55,10 +55,12 @@ def check(subj: Subject, parametrization: Any, name: str, max_examples: int = MA
         outcome.warned = _warning_keys(report)
         outcome.text = report.summary()
     except ParametrizationCheckError as error:
-        outcome.failed = list(error.properties)
+        crashed = [f for f in error.failures if f.message.startswith("the check crashed")]
+        outcome.failed = [f.property for f in error.failures if f not in crashed]
+        outcome.crash = "; ".join(f.message.splitlines()[0] for f in crashed) or None
         outcome.warned = _warning_keys(error.report)
         outcome.text = str(error)
-    except Exception as error:  # a crash is not a report: counted as missed
+    except Exception as error:  # a crash is not a report: counted as missed (so is a crash inside the kit)
         outcome.crash = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     outcome.seconds = time.perf_counter() - start
     return outcome

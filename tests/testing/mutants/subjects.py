@@ -199,7 +199,8 @@ class Interval:
 
 
 class WeightNormRows:
-    """Weight norm (Salimans & Kingma) over rows: ``(g, v) -> g * v / ||v_i||``, ``g (n, 1)``, ``v (n, m)``."""
+    """Weight norm (Salimans & Kingma) per output channel: ``(g, v) -> g * v / ||v_i||``, ``g (n, 1, 1)``,
+    ``v (n, k, k)`` (a conv kernel's view)."""
 
     def forward(self, g: Tensor, v: Tensor) -> Tensor:
         return g * v / torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1).reshape(g.shape)
@@ -236,7 +237,8 @@ def _unit_rows(Y: Tensor) -> Tensor:
 def _weight_norm_inputs() -> st.SearchStrategy[tuple[Tensor, Tensor]]:
     return st.integers(1, 3).flatmap(
         lambda n: st.tuples(
-            S.tensors((n, 1), elements_strategy=_away_from_zero()), S.tensors((n, 3), elements_strategy=_away_from_zero())
+            S.tensors((n, 1, 1), elements_strategy=_away_from_zero()),
+            S.tensors((n, 2, 2), elements_strategy=_away_from_zero()),
         )
     )
 
