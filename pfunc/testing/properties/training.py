@@ -2,8 +2,9 @@
 
 ``constraint_holds_after_training_steps``
     ``training_steps`` (3) ``AdamW`` steps (learning rate 0.1, weight decay 0.1) on the originals of a
-    :class:`pfunc.Parametrized` holding the drawn example, minimising ``sum(G * Y)`` (then ``warmup``
-    training calls, for a state that is right once converged), keep the output on every constraint (so a parametrization right only where it was initialised, like a householder
+    :class:`pfunc.Parametrized` holding the drawn example, minimising ``sum(G * Y)`` (then, if there is a
+    state, ``max(warmup, convergence_steps)`` training calls: a power iteration's constraint holds once its
+    state has converged on the new weights), keep the output on every constraint (so a parametrization right only where it was initialised, like a householder
     diagonal that must stay ``+-1``, fails), and a ``state_dict`` round trip (``torch.save``/``load``,
     :func:`pfunc.split_state_dict`) afterwards gives the same values. Costly: the first
     ``costly_examples`` examples.
@@ -61,8 +62,9 @@ def constraint_holds_after_training_steps(spec: Spec, case: Case, data: Any) -> 
         optimizer.zero_grad()
         call_with_grad(spec, f"backward at optimizer step {step}", (Y * cotangent(Y.detach())).sum().backward)
         optimizer.step()
-    with torch.no_grad():  # a state that is right once converged (warmup=) settles on the new originals first
-        for step in range(1, spec.warmup + 1):
+    settle = max(spec.warmup, spec.convergence_steps) if state else 0
+    with torch.no_grad():  # a state that is right once converged (power iteration) settles on the new originals first
+        for step in range(1, settle + 1):
             _, state = call(f"training call {step} after the optimizer steps", net.materialize, params, state, training=True)
     values, _ = call("materialize (eval) after the optimizer steps", net.materialize, params, state, training=False)
     Y = values[TENSOR_NAME].detach()
