@@ -215,8 +215,8 @@ def check_parametrization(
             (default: per dtype, ``rtol = sqrt(eps)``, ``atol = eps ** 0.75``).
         batch_size: examples stacked for ``vmap_matches_loop`` and ``batched_forward_matches_per_item``
             (inputs drawn with another shape are left out).
-        costly_examples: examples per search on which the costly properties run (finite differences,
-            training steps, the domain's edge; ``torch.compile`` runs on one).
+        costly_examples: examples per search on which the costly properties run (training steps, the
+            domain's edge; finite differences on ``5 *`` as many, ``torch.compile`` on one).
         max_examples, settings: Hypothesis overrides (default: the active profile).
         name: what the report calls the parametrization (default: its repr).
         all_failures: after a failure, search each other property alone so that every violated one is

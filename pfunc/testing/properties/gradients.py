@@ -12,7 +12,8 @@
 ``gradient_matches_finite_differences``
     autograd's gradient agrees with finite differences (``torch.autograd.gradcheck``'s fast mode: one
     random directional derivative, in float64, eval mode) at the drawn point, or, if not there (a kink),
-    at one of two nearby points. Fast mode costs a few forward calls, so it runs on every example.
+    at one of two nearby points. Fast mode costs a few forward calls: it runs on the first
+    ``5 * costly_examples`` (10) examples of a search (the first ones are often trivial: a 1 x 1 matrix).
 ``forward_mode_matches_reverse_mode``
     ``<G, jvp(V)> == <vjp(G), V>`` for fixed tangents ``V`` (``torch.func.jvp`` against autograd), eval
     mode: a custom ``autograd.Function`` without a ``jvp``, or with a wrong one, fails it.
@@ -217,6 +218,7 @@ def gradient_matches_finite_differences(spec: Spec, case: Case, data: Any) -> No
     if Y.dtype != torch.float64:
         raise NotApplicable(f"forward returns {Y.dtype} for float64 inputs (reported by keeps_shape_and_dtype)")
     _defer_non_finite(spec, Y, leaves)
+    spec.spend("gradient_matches_finite_differences", limit=5 * spec.costly_examples)
     points = [tuple(leaves)]
     for k in (1, 2):  # near a kink autograd and finite differences may rightly disagree: look nearby
         points.append(tuple((x + 1e-4 * tangent(x, k) * (1 + x.abs())).detach().requires_grad_() for x in leaves))
@@ -226,6 +228,7 @@ def gradient_matches_finite_differences(spec: Spec, case: Case, data: Any) -> No
         if finding is None:
             return
         first = first or finding
+    spec.failed_costly.add("gradient_matches_finite_differences")
     raise Violation(
         f"autograd's gradient (eval, float64) disagrees with finite differences at X and at two nearby points, "
         f"w.r.t. {', '.join(labels)}: {first}"
