@@ -54,6 +54,13 @@ nitpick_ignore = [
     ("py:class", "pfunc.distributed.process_group.Group"),
     ("py:class", "pfunc.distributed.trees.Leaves"),
     ("py:class", "pfunc.distributed.buckets.Bucket"),
+    # the testing kit's strategies' type aliases, shown by name in their signatures
+    ("py:class", "Drawable"),
+    ("py:class", "ShapeLike"),
+    ("py:class", "DTypeLike"),
+    ("py:class", "DeviceLike"),
+    # autodoc splits a dataclass field's stringified "dict[str, int]" at its comma (CheckReport)
+    ("py:class", "dict[str"),
 ]
 
 html_theme = "furo"

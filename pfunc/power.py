@@ -8,11 +8,11 @@ BigGAN's spectral norm.
 
 Outside ``vmap`` the iteration is torch's own scheme, op for op (bitwise torch's
 spectral norm). Under ``vmap`` and under ``torch.compile``, from three iterations a call,
-it is one operation (``torch.ops.pfunc.power_iteration``, see :mod:`pfunc._vmap`) whose
+it is one operation (``torch.ops.pfunc.power_iteration``, in ``pfunc/_vmap.py``) whose
 batching rule runs the kernel measured fastest for the device, sizes and dtype on the
 whole stack at once; one or two iterations run as plain products, which ``vmap`` batches
 (one-row ``bmm`` on CPU) and inductor fuses, for less than the operation's fixed cost
-(:data:`pfunc._power_kernels.PLAIN_UNDER_VMAP`). BigGAN's iteration is the operation under
+(``PLAIN_UNDER_VMAP`` in ``pfunc/_power_kernels.py``). BigGAN's iteration is the operation under
 ``vmap`` and plain ops under ``torch.compile``.
 
 >>> W = torch.diag(torch.tensor([3.0, 1.0]))

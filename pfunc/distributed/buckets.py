@@ -20,6 +20,7 @@ __all__ = ["DEFAULT_BUCKET_CAP_MB", "MB", "Bucket", "cap_bytes", "plan_buckets",
 
 #: DDP's default bucket size (``bucket_cap_mb=25``).
 DEFAULT_BUCKET_CAP_MB = 25.0
+"""Largest bucket, in MiB, a tree is packed into for one collective: DDP's default ``bucket_cap_mb``."""
 MB = 1024 * 1024
 
 

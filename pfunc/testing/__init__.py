@@ -10,10 +10,12 @@ One call checks that a parametrization (yours or a built-in, plain, torch-style
 ...     [Skew(), Cayley()], S.square_matrices(min_value=-2, max_value=2),
 ...     constraint=C.special_orthogonal(), max_examples=5)
 >>> sorted(report.checked)[:3]
-['constraint_holds', 'deterministic', 'does_not_modify_inputs']
+['compiled_matches_eager', 'constraint_holds', 'constraint_holds_after_training_steps']
 
 A violated property raises :class:`ParametrizationCheckError` (an ``AssertionError``)
-listing each failure with its minimal input and discrepancy. See
+listing each failure with its minimal input and discrepancy; what the edge of the domain shows
+(zero, tiny, large inputs) is in ``report.warnings``, never a failure. The properties live in
+:mod:`pfunc.testing.properties`, one family per module. See
 ``pfunc/testing/README.md`` and ``examples/property_test_your_own.py``.
 """
 
@@ -32,7 +34,7 @@ from .checks import check_parametrization, hypothesis_settings, parametrization_
 from .profiles import register_profiles
 from .properties import PROPERTIES
 from .reference import torch_reference
-from .report import CheckReport, ParametrizationCheckError, PropertyFailure, describe
+from .report import CheckReport, CheckWarning, ParametrizationCheckError, PropertyFailure, describe
 from .tolerance import Tolerance, compare
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "hypothesis_settings",
     "ParametrizationCheckError",
     "CheckReport",
+    "CheckWarning",
     "PropertyFailure",
     "PROPERTIES",
     "Tolerance",

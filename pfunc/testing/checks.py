@@ -23,12 +23,13 @@ from typing import Any, Callable, Collection, Optional, Sequence, Union
 import hypothesis
 from hypothesis import HealthCheck, Phase, Verbosity, given
 from hypothesis import strategies as st
-from hypothesis.errors import FailedHealthCheck, InvalidArgument, Unsatisfiable
+from hypothesis.errors import FailedHealthCheck, HypothesisException, InvalidArgument, Unsatisfiable
 from hypothesis.strategies import SearchStrategy
 from torch import Tensor
 
 from .constraints import Constraint, as_constraints
 from .properties import PROPERTIES, BindError, InputError, NotApplicable, Spec, Violation, build_case
+from .properties.base import raised
 from .report import LEFT_OUT, CheckReport, ParametrizationCheckError, PropertyFailure
 from .subject import Subject
 from .tolerance import Tolerance
@@ -72,6 +73,7 @@ class _Search:
         self.examples = 0
         self.applicable = {n: 0 for n in self.names}
         self.not_applicable: dict[str, str] = {}
+        self.structural: dict[str, str] = {}  # not applicable to any example, whatever is drawn
         self.last: Optional[PropertyFailure] = None
         self.input_error: Optional[InputError] = None
 
@@ -86,12 +88,22 @@ class _Search:
                 return  # forward_runs reports it
             self.last = PropertyFailure("forward_runs", error.message, error.example)
             raise
+        except HypothesisException:
+            raise
+        except Exception as error:  # e.g. a states= function that raises: a report, not a traceback
+            self.last = PropertyFailure("forward_runs", raised("the check crashed while drawing and binding the example: it", error), "")
+            raise
         applied = []
-        for name in self.names:
+        # Once an example has failed, Hypothesis shrinks it: only the property it failed runs from then on,
+        # so the shrunk example is that property's minimal one (and shrinking costs one property, not all).
+        names = self.names if self.last is None else (self.last.property,)
+        for name in names:
             try:
                 PROPERTIES[name](self.spec, case.fresh(), data)
             except NotApplicable as reason:
                 self.not_applicable.setdefault(name, reason.reason)
+                if reason.structural:
+                    self.structural.setdefault(name, reason.reason)
                 continue
             except InputError as error:
                 self.input_error = error
@@ -99,6 +111,12 @@ class _Search:
             except Violation as violation:
                 example = case.describe() + (f"\n{violation.details}" if violation.details else "")
                 self.last = PropertyFailure(name, violation.message, example)
+                raise
+            except HypothesisException:
+                raise
+            except Exception as error:  # the kit or the user's code crashed outside a guarded call: say where
+                message = raised(f"the check crashed while running property {name}: it", error)
+                self.last = PropertyFailure(name, message, case.describe())
                 raise
             applied.append(name)
         # counted only now: Hypothesis may abort an example midway (a draw past its buffer)
@@ -108,6 +126,8 @@ class _Search:
 
     def run(self, settings: hypothesis.settings) -> Optional[PropertyFailure]:
         """``None`` if every property held on every example, else the (shrunk) failure."""
+
+        self.spec.new_search()
 
         @hypothesis.settings(settings)
         @given(data=st.data())
@@ -145,13 +165,17 @@ def check_parametrization(
     converges_to: Optional[Callable[..., Tensor]] = None,
     convergence_steps: int = 50,
     unsafe: bool = False,
+    batched: Optional[bool] = None,
+    non_differentiable: Collection[Union[str, int]] = (),
     properties: Optional[Collection[str]] = None,
     skip: Collection[str] = (),
     tolerance: Optional[Tolerance] = None,
     batch_size: int = 3,
+    costly_examples: int = 2,
     max_examples: Optional[int] = None,
     settings: Optional[hypothesis.settings] = None,
     name: Optional[str] = None,
+    all_failures: bool = True,
 ) -> CheckReport:
     """Check the invariants of ``parametrization`` (one, or a list: a chain) on inputs drawn by Hypothesis.
 
@@ -159,7 +183,8 @@ def check_parametrization(
         parametrization: anything :func:`pfunc.parametrize` accepts (plain, torch-style
             ``nn.Module``, stateful), or a list of them applied first to last.
         inputs: strategy drawing the originals: a Tensor, or a tuple of them for a
-            parametrization of several originals (e.g. weight norm's ``(g, v)``).
+            parametrization of several originals (e.g. weight norm's ``(g, v)``); a tuple of
+            strategies, one per original, is taken as ``hypothesis.strategies.tuples(...)``.
         constraint: what forward's output satisfies: a :class:`~pfunc.testing.constraints.Constraint`
             (``constraints.symmetric()``...), a callable ``Y -> bool``, or a list of them.
         image: strategy drawing points ``Y`` of the image for the round trip (default: ``forward(X)``).
@@ -177,17 +202,29 @@ def check_parametrization(
         converges_to: ``converges_to(*originals)``: the value forward (eval) must reach after
             ``convergence_steps`` training calls.
         unsafe: the parametrization may change shape or dtype (as ``register_parametrization``).
+        batched: the parametrization accepts leading batch dims, so a call on ``stack(x_i)`` must equal
+            ``stack(forward(x_i))``; ``None`` (default): inferred, true for inputs drawn by
+            :mod:`~pfunc.testing.strategies`' matrix strategies with a ``batch_shape``; ``False``: never
+            (e.g. a conv kernel's first dim is its output channels, not a batch).
+        non_differentiable: originals meant to get no gradient (``"X"``, ``"original1"``, or an index):
+            ``gradient_reaches_every_original`` leaves them out.
         properties, skip: the property names to check (default: all of
-            :data:`~pfunc.testing.properties.PROPERTIES`) and to leave out; ``forward_runs``
+            :data:`~pfunc.testing.PROPERTIES`) and to leave out; ``forward_runs``
             is always checked (the others leave a crashing forward to it).
         tolerance: a :class:`~pfunc.testing.tolerance.Tolerance` for every comparison
             (default: per dtype, ``rtol = sqrt(eps)``, ``atol = eps ** 0.75``).
-        batch_size: examples stacked for ``vmap_matches_loop`` (inputs drawn with another shape are left out).
+        batch_size: examples stacked for ``vmap_matches_loop`` and ``batched_forward_matches_per_item``
+            (inputs drawn with another shape are left out).
+        costly_examples: examples per search on which the costly properties run (training steps, the
+            domain's edge; finite differences on ``5 *`` as many, ``torch.compile`` on one).
         max_examples, settings: Hypothesis overrides (default: the active profile).
         name: what the report calls the parametrization (default: its repr).
+        all_failures: after a failure, search each other property alone so that every violated one is
+            reported with its own minimal example (default); ``False`` stops at the first.
 
     Returns:
-        a :class:`~pfunc.testing.report.CheckReport` (examples run, properties checked and skipped).
+        a :class:`~pfunc.testing.report.CheckReport` (examples run, properties checked and skipped,
+        warnings from the edge of the domain, notes such as graph breaks).
 
     Raises:
         ParametrizationCheckError: some property failed; its message lists each one with the
@@ -196,6 +233,8 @@ def check_parametrization(
     """
     __tracebackhide__ = True  # pytest: show the report, not this function's source
     subject = Subject.of(parametrization, unsafe=unsafe, name=name)
+    if isinstance(inputs, (tuple, list)) and inputs and all(isinstance(s, SearchStrategy) for s in inputs):
+        inputs = st.tuples(*inputs)  # one strategy per original
     if not isinstance(inputs, SearchStrategy):
         raise TypeError(f"check_parametrization: inputs must be a Hypothesis strategy, got {type(inputs).__name__}")
     if image is not None and not isinstance(image, SearchStrategy):
@@ -209,6 +248,17 @@ def check_parametrization(
         raise ValueError(f"check_parametrization: convergence_steps must be a non-negative int, got {convergence_steps!r}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"check_parametrization: batch_size must be a positive int, got {batch_size!r}")
+    if not (isinstance(costly_examples, int) and costly_examples >= 1):
+        raise ValueError(f"check_parametrization: costly_examples must be a positive int, got {costly_examples!r}")
+    if batched not in (None, True, False):
+        raise TypeError(f"check_parametrization: batched must be None, True or False, got {batched!r}")
+    if isinstance(non_differentiable, (str, int)):
+        non_differentiable = (non_differentiable,)
+    for item in non_differentiable:
+        if not (isinstance(item, int) or (isinstance(item, str) and (item == "X" or item.startswith("original")))):
+            raise ValueError(
+                f"check_parametrization: non_differentiable takes original names ('X', 'original0', ...) or indices, got {item!r}"
+            )
     names = _select(properties, skip)
     spec = Spec(
         subject=subject,
@@ -223,6 +273,9 @@ def check_parametrization(
         tolerance=tolerance,
         batch_size=batch_size,
         selected=frozenset(names),
+        batched=batched,
+        non_differentiable=frozenset(non_differentiable),
+        costly_examples=costly_examples,
     )
     run_settings = hypothesis_settings(settings, max_examples)
     search = _Search(spec, names)
@@ -231,17 +284,21 @@ def check_parametrization(
     report.checked = {n: k for n, k in search.applicable.items() if k > 0}
     report.skipped = {n: search.not_applicable.get(n, "not applicable to any example") for n, k in search.applicable.items() if k == 0}
     report.skipped.update({n: LEFT_OUT for n in PROPERTIES if n not in names})
+    report.warnings, report.notes = list(spec.warnings), list(spec.notes)
     if first is None:
         return report
     # Something failed. The shrunk example fails `first.property` (the first property in order that
-    # fails on it) and nothing smaller fails any property: it is that property's minimal example.
+    # failed; shrinking ran only it): it is that property's minimal example.
     # Every other property is searched alone, so each violated one gets its own minimal example
     # (and the report's counts come from these complete searches).
     failures = [first]
     report.checked, report.skipped = {}, {n: LEFT_OUT for n in PROPERTIES if n not in names}
     report.examples = 0  # from here: the most examples any passing property ran
-    for n in names:
+    for n in names if all_failures else ():
         if n == first.property:
+            continue
+        if n in search.structural and not search.applicable[n]:  # cannot apply to any example: no search
+            report.skipped[n] = search.structural[n]
             continue
         single = _Search(spec, [n])
         failure = single.run(run_settings)
@@ -255,6 +312,7 @@ def check_parametrization(
             report.skipped[n] = single.not_applicable.get(n, "not applicable to any example")
     order = list(PROPERTIES)
     report.failures = sorted(failures, key=lambda f: order.index(f.property))
+    report.warnings, report.notes = list(spec.warnings), list(spec.notes)
     raise ParametrizationCheckError(report)
 
 

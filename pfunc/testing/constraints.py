@@ -4,7 +4,7 @@ A :class:`Constraint` has a ``name`` and a ``violation(Y, tolerance)`` that
 returns ``None`` when ``Y`` satisfies it and otherwise a sentence saying by how
 much it does not (``"max |Y - Y^T| 0.5 > allowed 1.5e-08"``). Matrix constraints
 act on the last two dims, so batches work. Tolerances are those of
-:mod:`pfunc.testing.tolerance`: errors are compared with ``atol + rtol * scale``
+:class:`~pfunc.testing.Tolerance`: errors are compared with ``atol + rtol * scale``
 where ``scale`` is the natural magnitude (``max|Y|``, or 1 for orthogonality).
 
 >>> import torch

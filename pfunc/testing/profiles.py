@@ -34,7 +34,7 @@ PROFILES: dict[str, dict] = {
 
 
 def register_profiles() -> tuple[str, ...]:
-    """Register :data:`PROFILES` with Hypothesis (idempotent); returns their names."""
+    """Register :data:`~pfunc.testing.profiles.PROFILES` with Hypothesis (idempotent); returns their names."""
     for name, kwargs in PROFILES.items():
         settings.register_profile(name, **kwargs)
     return tuple(PROFILES)

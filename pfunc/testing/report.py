@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["describe", "describe_tree", "PropertyFailure", "CheckReport", "ParametrizationCheckError"]
+__all__ = ["describe", "describe_tree", "PropertyFailure", "CheckWarning", "CheckReport", "ParametrizationCheckError"]
 
 MAX_SHOWN_VALUES = 36
 LEFT_OUT = "left out by the caller"
@@ -76,13 +76,36 @@ class PropertyFailure:
         return f"[{self.property}]\n{message}\n  minimal failing input:\n{example}"
 
 
+@dataclass(frozen=True)
+class CheckWarning:
+    """Something worth reading that does not fail the check: ``property`` found ``kind`` (``"non-finite
+    output"``, ``"off the constraint"``...) at ``probe`` (``"zero"``, ``"+large"``...); ``message`` says
+    what, ``example`` shows the input."""
+
+    property: str
+    probe: str
+    kind: str
+    message: str
+    example: str
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.property, self.probe, self.kind)
+
+    def __str__(self) -> str:
+        example = "\n".join("    " + line for line in self.example.splitlines())
+        return f"[{self.property}: {self.probe}] {self.kind}: {self.message}\n  input:\n{example}"
+
+
 @dataclass
 class CheckReport:
     """The outcome of :func:`pfunc.testing.check_parametrization`.
 
     ``examples``: Hypothesis examples run (each checks every selected property);
     ``checked``: properties checked, with how many examples each applied to;
-    ``skipped``: properties not checked, with the reason; ``failures``: violations.
+    ``skipped``: properties not checked, with the reason; ``failures``: violations;
+    ``warnings``: what the edge of the domain showed (:class:`CheckWarning`, never a failure: some
+    correct parametrizations are genuinely singular there); ``notes``: information (graph breaks).
     """
 
     name: str
@@ -90,6 +113,8 @@ class CheckReport:
     checked: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     failures: list[PropertyFailure] = field(default_factory=list)
+    warnings: list[CheckWarning] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -106,6 +131,14 @@ class CheckReport:
                 lines.append(f"  skipped {prop}: {why}")
         if left_out:
             lines.append(f"  left out by the caller: {', '.join(left_out)}")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        if self.warnings:
+            lines.append(
+                f"  {len(self.warnings)} warning(s) at the edge of the domain (not failures: a correct "
+                "parametrization may be singular there; see report.warnings):"
+            )
+            lines += [f"    {w.probe}: {w.kind}: {w.message.splitlines()[0][:120]}" for w in self.warnings]
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -53,6 +53,7 @@ class Case:
     state: tuple[dict[str, Tensor], ...]
     seed: int
     as_drawn: Optional[tuple[tuple[Tensor, ...], tuple[dict[str, Tensor], ...]]] = None
+    batched: bool = False  # drawn by a strategy that declares leading batch dims (``batch_shape=``)
     memo: dict = field(default_factory=dict, compare=False, repr=False)  # shared by fresh copies
 
     def fresh(self) -> "Case":

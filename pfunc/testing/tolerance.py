@@ -80,7 +80,7 @@ class Discrepancy:
 
 
 def compare(actual: Tensor, expected: Tensor, tolerance: Optional[Tolerance] = None) -> Discrepancy:
-    """The :class:`Discrepancy` of ``actual`` against ``expected`` (same shape), NaN-aware.
+    """The :class:`~pfunc.testing.tolerance.Discrepancy` of ``actual`` against ``expected`` (same shape), NaN-aware.
 
     A NaN or infinity where ``expected`` is finite, or a shape mismatch, is an
     infinite error. ``tolerance=None`` uses the default of ``expected``'s dtype.

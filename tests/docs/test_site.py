@@ -38,7 +38,8 @@ def _documented(site: pathlib.Path) -> set[str]:
 
     with open(site / "objects.inv", "rb") as f:
         inventory = InventoryFile.load(f, "", lambda base, uri: uri)
-    return {name for kind, entries in inventory.data.items() if kind.startswith("py:") for name in entries}
+    by_kind = getattr(inventory, "data", inventory)  # Sphinx >= 8.2 wraps the mapping
+    return {name for kind, entries in by_kind.items() if kind.startswith("py:") for name in entries}
 
 
 def test_the_site_builds_with_warnings_as_errors_and_every_reference_resolved(site):

@@ -26,14 +26,20 @@ MATRICES = S.square_matrices()
 def test_a_passing_check_reports_its_examples_and_what_it_checked():
     report = check_parametrization(lambda X: 2 * X, MATRICES, max_examples=7)
     assert report.ok and report.examples == 7
-    assert set(report.checked) == {
+    every_example = {
         "forward_runs", "keeps_shape_and_dtype", "deterministic", "does_not_modify_inputs",
-        "finite_output_and_gradients", "func_grad_matches_autograd", "vmap_matches_loop",
+        "finite_output_and_gradients", "gradient_reaches_every_original", "func_grad_matches_autograd",
+        "gradient_matches_finite_differences", "forward_mode_matches_reverse_mode", "vmap_matches_loop",
     }
-    assert all(n >= 7 for n in report.checked.values())
+    costly = {"constraint_holds_after_training_steps": 2, "edge_of_domain": 2, "compiled_matches_eager": 1}
+    assert set(report.checked) == every_example | set(costly) | {"non_contiguous_inputs_give_the_same_output"}
+    assert all(report.checked[n] == 7 for n in every_example)
+    assert {n: report.checked[n] for n in costly} == costly  # costly properties: a bounded number of examples
+    assert 0 < report.checked["non_contiguous_inputs_give_the_same_output"] <= 7  # 1 x 1 inputs are contiguous
     assert report.skipped["right_inverse_round_trips"] == "no right_inverse (<lambda>)"
     assert report.skipped["constraint_holds"] == "no constraint given"
-    assert report.name == "<lambda>" and "7 examples" in report.summary()
+    assert report.skipped["batched_forward_matches_per_item"].startswith("batch dims not declared")
+    assert report.name == "<lambda>" and "7 examples" in report.summary() and report.warnings == []
 
 
 def test_the_check_follows_the_active_profile_unless_overridden():
@@ -143,7 +149,7 @@ def test_right_inverse_must_give_back_as_many_originals_as_forward_takes():
 
     inputs = st.tuples(S.tensors((2, 1), min_value=1, max_value=2), S.tensors((2, 3), min_value=1, max_value=2))
     check_parametrization(WeightNorm(0), inputs, properties=["right_inverse_round_trips"], max_examples=5)
-    with pytest.raises(ParametrizationCheckError, match="right_inverse\\(Y\\) gives 1 tensors, forward takes 2 originals"):
+    with pytest.raises(ParametrizationCheckError, match="right_inverse\\(Y\\) gives 1 tensor\\(s\\), forward takes 2 original\\(s\\)"):
         check_parametrization(ForgetsG(0), inputs, properties=["right_inverse_round_trips"])
 
 
@@ -197,11 +203,19 @@ def test_parametrization_test_is_a_test_function():
         failing()
 
 
-def test_every_property_is_documented():
-    import pfunc.testing.properties as module
+def test_every_property_is_documented_in_its_family_module_and_the_readme():
+    import importlib
+    import pathlib
 
+    import pfunc.testing.properties as package
+
+    families = ["values", "gradients", "round_trips", "transforms", "state", "training", "domain"]
+    docs = "".join(importlib.import_module(f"pfunc.testing.properties.{f}").__doc__ for f in families)
+    readme = (pathlib.Path(package.__file__).parents[1] / "README.md").read_text()
     for name in PROPERTIES:
-        assert f"``{name}``" in module.__doc__
+        assert f"``{name}``" in docs, name
+        assert f"| `{name}` |" in readme, name
+        assert getattr(importlib.import_module(PROPERTIES[name].__module__), "__doc__").count(f"``{name}``") == 1
 
 
 def test_a_declared_shape_change_keeps_every_other_property():
@@ -217,3 +231,104 @@ def test_a_declared_shape_change_keeps_every_other_property():
     report = check_parametrization(VectorToMatrix(), S.tensors((6,)), unsafe=True, max_examples=10)
     assert "right_inverse_round_trips" in report.checked and "vmap_matches_loop" in report.checked
     assert report.skipped["keeps_shape_and_dtype"] == "declared unsafe=True (forward may change shape and dtype)"
+
+
+# ---------------------------------------------------------------------- issue 16: reports a user can act on, and the options
+from tests.testing.mutants import catalog as mutants  # noqa: E402
+from tests.testing.mutants import subjects  # noqa: E402
+
+
+def test_a_wrong_shaped_right_inverse_is_reported_as_such_before_anything_is_registered():
+    # LowRank's correct forward would crash on the transposed factor ("mat1 and mat2 shapes cannot be
+    # multiplied") inside pfunc.parametrize; the count/shape/dtype comparison runs first and says what is wrong
+    kwargs = subjects.subject("LowRank").kwargs()
+    with pytest.raises(ParametrizationCheckError) as info:
+        check_parametrization(mutants.LowRankTransposedFactor(), properties=["right_inverse_round_trips"], **kwargs)
+    message = info.value.failures[0].message
+    assert message == "right_inverse(Y)[1] has shape (3, 2), original1 (2, 3) (forward takes that shape)"
+    # with unsafe=True too (it said only "max abs error inf" before)
+    with pytest.raises(ParametrizationCheckError, match=r"has shape \(3, 2\), original1 \(2, 3\)"):
+        check_parametrization(mutants.LowRankTransposedFactor(), properties=["right_inverse_round_trips"], unsafe=True, **kwargs)
+
+
+def test_a_crash_names_the_property_that_was_running_and_the_users_frame():
+    def boom(Y):
+        raise KeyError("no such axis")
+
+    with pytest.raises(ParametrizationCheckError) as info:
+        check_parametrization(lambda X: X, MATRICES, constraint=C.predicate(boom, "boom"), max_examples=3)
+    assert info.value.properties[0] == "constraint_holds"
+    message = info.value.failures[0].message
+    assert message.startswith("constraint boom raised KeyError: 'no such axis' (at test_checks_api.py:"), message
+    assert message.endswith(" in boom)")
+
+
+def test_a_crash_while_drawing_the_example_is_a_report_too():
+    def states(originals):
+        raise ValueError("my states strategy is broken")
+
+    with pytest.raises(ParametrizationCheckError) as info:
+        check_parametrization(SpectralNorm(), MATRICES, states=states, max_examples=3)
+    message = info.value.failures[0].message
+    assert "while drawing and binding the example" in message and "ValueError: my states strategy is broken" in message
+    assert "in states)" in message
+
+
+def test_several_originals_take_a_plain_tuple_of_strategies():
+    report = check_parametrization(subjects.LowRank(), (S.tensors((4, 2)), S.tensors((2, 3))), max_examples=3,
+                                   properties=["forward_runs", "right_inverse_round_trips"])
+    assert report.checked == {"forward_runs": 3, "right_inverse_round_trips": 3}
+
+
+def test_edge_warnings_never_fail_and_name_the_probe_and_the_input():
+    report = check_parametrization(subjects.UnitNormRows(), **dict(subjects.subject("UnitNormRows").kwargs(), max_examples=5))
+    assert report.ok
+    keys = {(w.property, w.probe, w.kind) for w in report.warnings}
+    assert ("edge_of_domain", "zero", "off the constraint") in keys  # a zero row stays zero: genuinely singular
+    zero = next(w for w in report.warnings if w.probe == "zero")
+    assert "X = float64[" in zero.example and "0.0" in zero.example
+    assert "warning(s) at the edge of the domain (not failures" in report.summary()
+
+
+def test_a_cut_gradient_names_the_original_and_non_differentiable_opts_out():
+    kwargs = dict(subjects.subject("WeightNormRows").kwargs(), max_examples=5)
+    with pytest.raises(ParametrizationCheckError, match=r"no gradient reaches original0.*non_differentiable=\['original0'\]"):
+        check_parametrization(mutants.WeightNormDetachedG(), properties=["gradient_reaches_every_original"], **kwargs)
+    report = check_parametrization(
+        mutants.WeightNormDetachedG(), properties=["gradient_reaches_every_original"], non_differentiable=["original0"], **kwargs
+    )
+    assert report.checked["gradient_reaches_every_original"] == 5
+
+
+def test_batches_are_declared_or_inferred_and_can_be_declined():
+    bug = mutants.SoftmaxOverDim1()
+    plain = S.matrices()
+    assert check_parametrization(bug, plain, properties=["batched_forward_matches_per_item"], max_examples=5).skipped
+    with pytest.raises(ParametrizationCheckError, match="batched_forward_matches_per_item"):
+        check_parametrization(bug, plain, batched=True, properties=["batched_forward_matches_per_item"], max_examples=5)
+    with pytest.raises(ParametrizationCheckError, match="inferred from the strategy"):
+        check_parametrization(bug, S.matrices(batch_shape=S.batch_shapes()), properties=["batched_forward_matches_per_item"])
+    report = check_parametrization(
+        bug, S.matrices(batch_shape=S.batch_shapes()), batched=False, properties=["batched_forward_matches_per_item"], max_examples=5
+    )
+    assert report.skipped["batched_forward_matches_per_item"] == "declared batched=False"
+
+
+def test_all_failures_false_stops_at_the_first_violated_property():
+    class Broken:
+        def __call__(self, X):
+            X.mul_(1.0)
+            return X.triu()
+
+    with pytest.raises(ParametrizationCheckError) as info:
+        check_parametrization(Broken(), MATRICES, constraint=C.symmetric(), all_failures=False)
+    assert info.value.properties == ["does_not_modify_inputs"]
+
+
+def test_costly_properties_run_on_a_bounded_number_of_examples():
+    report = check_parametrization(lambda X: 2 * X, MATRICES, max_examples=12, costly_examples=2)
+    assert report.checked["edge_of_domain"] == 2 and report.checked["constraint_holds_after_training_steps"] == 2
+    assert report.checked["compiled_matches_eager"] == 1 and report.checked["gradient_matches_finite_differences"] == 10
+    assert report.checked["func_grad_matches_autograd"] == 12
+    with pytest.raises(ValueError, match="costly_examples must be a positive int"):
+        check_parametrization(lambda X: X, MATRICES, costly_examples=0)

@@ -148,9 +148,14 @@ class ClipByItem:
         return X / m if m > 1 else X
 
 
-def test_vmap_incompatible_code_is_caught():
+def test_vmap_incompatible_code_is_caught_and_so_is_the_gradient_item_cuts():
     error = caught(ClipByItem())
-    assert error.properties == ["vmap_matches_loop"]
+    # m = max|X| through .item() is a constant to autograd: the gradient misses dm/dX. On a batch, m is the
+    # max over every item, also a batch bug, found when the drawn batch holds items of different maxima
+    # (draw_batch stacks other drawn inputs of the same shape; which exist depends on the search)
+    reported = error.properties
+    assert reported[:2] == ["gradient_matches_finite_differences", "vmap_matches_loop"]
+    assert reported[2:] in ([], ["batched_forward_matches_per_item"])
     text = assert_readable(error, "vmap_matches_loop", "ClipByItem", max_numel=1)
     assert "torch.func.vmap(forward) (eval) raised RuntimeError" in text and ".item()" in text
 

@@ -136,3 +136,27 @@ def test_bad_arguments_are_named():
         S.spectral_gap_matrices(gap=1.0)
     with pytest.raises(TypeError, match="module must be an nn.Module"):
         S.module_tensors("not a module")
+
+
+@settings(max_examples=50)
+@given(S.tensors(S.shapes(1, 2, 1, 8), dtype=S.float_dtypes()))
+def test_default_entries_are_zero_or_at_least_the_minimum_magnitude(X):
+    # no weight looks like 2.2e-308: F.normalize's eps would make such a row non-unit, a false alarm
+    nonzero = X[X != 0].abs()
+    assert nonzero.numel() == 0 or float(nonzero.min()) >= S.MIN_MAGNITUDE * (1 - 1e-6)
+
+
+def test_unit_rows_of_f_normalize_are_not_a_false_alarm_on_default_strategies():
+    import torch.nn.functional as F
+
+    from pfunc.testing import check_parametrization
+    from pfunc.testing import constraints as C
+
+    unit_or_zero = C.predicate(lambda Y: (((Y.norm(dim=-1) - 1).abs() < 1e-6) | (Y.norm(dim=-1) == 0)).all(), "unit or zero rows")
+    check_parametrization(lambda X: F.normalize(X, dim=-1), S.matrices(), constraint=unit_or_zero,
+                          properties=["constraint_holds"], max_examples=200)
+
+
+@given(S.square_matrices(batch_shape=S.batch_shapes()), S.square_matrices())
+def test_a_strategy_given_a_batch_shape_marks_its_tensors_as_batched(batched, plain):
+    assert getattr(batched, "_pfunc_batched", False) and not getattr(plain, "_pfunc_batched", False)
