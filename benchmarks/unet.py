@@ -141,7 +141,8 @@ ROUTES = ("torch", "pfunc", "pfunc func.grad", "pfunc pf.grad")
 
 def steps(sizes: Sizes, device: torch.device) -> Steps:
     """Build the Unet, its torch twin and pfunc's trees, and the step of every route."""
-    from examples.diffusion.gaussian_diffusion import GaussianDiffusion, linear_beta_schedule
+    from examples.diffusion.gaussian_diffusion import GaussianDiffusion
+    from examples.diffusion.schedules import linear_beta_schedule
     from examples.diffusion.training import make_loss_fn, make_optimizer
     from examples.diffusion.unet import parametrize_unet, weight_standardization_spec
 

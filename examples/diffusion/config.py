@@ -27,7 +27,8 @@ from torch.torch_version import TorchVersion
 import pfunc
 
 from .data import MIN_SHAPES_SIZE
-from .gaussian_diffusion import OBJECTIVES, SCHEDULES
+from .gaussian_diffusion import OBJECTIVES
+from .schedules import SCHEDULES
 
 __all__ = ["TrainConfig", "PRESETS", "RUN_OPTIONS", "ConfigError", "check_values", "validate", "check_device",
            "config_differences", "flag", "SEED_LIMIT"]

@@ -29,7 +29,8 @@ from torch import Tensor
 import pfunc as pf
 
 from .config import TrainConfig
-from .gaussian_diffusion import GaussianDiffusion, beta_values
+from .gaussian_diffusion import GaussianDiffusion
+from .schedules import beta_values
 from .unet import Unet, parametrize_unet
 
 __all__ = ["build_model", "sample_images", "sampling_calls"]

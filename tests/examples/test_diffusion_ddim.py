@@ -10,13 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from examples.diffusion.data import draw_shapes
-from examples.diffusion.gaussian_diffusion import (
-    GaussianDiffusion,
-    beta_schedule,
-    ddim_coefficients,
-    ddim_time_pairs,
-    normalize_to_neg_one_to_one,
-)
+from examples.diffusion.gaussian_diffusion import GaussianDiffusion, normalize_to_neg_one_to_one
+from examples.diffusion.schedules import beta_schedule, ddim_coefficients, ddim_time_pairs
 from examples.diffusion.training import MicroBatch, TrainState, make_grad_fn, make_loss_fn, make_optimizer, train_step
 from examples.diffusion.unet import Unet, parametrize_unet
 
@@ -106,7 +101,7 @@ def test_ddim_from_a_briefly_trained_model_gives_finite_images_in_range_at_any_s
 def test_ddim_time_pairs_equal_torch_linspace_truncated():
     """The host computation of the visited times matches ``torch.linspace(-1, T - 1, S + 1).int()``
     (what denoising-diffusion-pytorch uses), float32 rounding included."""
-    from examples.diffusion.gaussian_diffusion import _linspace_float32_int
+    from examples.diffusion.schedules import _linspace_float32_int
 
     cases = [(T, S) for T in range(1, 65) for S in range(1, T + 1)] + [(1000, S) for S in range(1, 1001, 7)] + [(4000, 250)]
     for T, S in cases:

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
 
 import examples.diffusion.gaussian_diffusion as gd
-from examples.diffusion.gaussian_diffusion import GaussianDiffusion, beta_values
+from examples.diffusion.gaussian_diffusion import GaussianDiffusion
+from examples.diffusion.schedules import beta_values
 from tests.fake_cuda import CUDA, assert_on, fake_cuda, run_worker
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,7 +39,7 @@ def _denoiser(channels: int, out_channels: int):
 def _run_process(module=gd, learned_variance=False, objective="pred_noise", check_schedule=True):
     """Build on cuda, q_sample, the loss under bf16 autocast, DDIM and DDPM: every output checked."""
     with fake_cuda():
-        d = module.GaussianDiffusion(module.beta_values("cosine", 8), objective=objective,
+        d = module.GaussianDiffusion(beta_values("cosine", 8), objective=objective,
                                      learned_variance=learned_variance).to("cuda")
         if check_schedule:
             assert_on({k: getattr(d, k) for k in d._host}, CUDA, torch.float32, what="schedule")
@@ -80,7 +81,7 @@ def _copy_with(tmp_path: Path, old: str, new: str):
     assert source.count(old) == 1, old
     path = tmp_path / "gaussian_diffusion_copy.py"
     path.write_text(source.replace(old, new))
-    spec = importlib.util.spec_from_file_location("gaussian_diffusion_copy", path)
+    spec = importlib.util.spec_from_file_location("examples.diffusion.gaussian_diffusion_copy", path)  # in the package: its relative imports work
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     try:

@@ -8,14 +8,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from examples.diffusion.gaussian_diffusion import (
-    GaussianDiffusion,
-    beta_schedule,
-    cosine_beta_schedule,
-    linear_beta_schedule,
-    normalize_to_neg_one_to_one,
-    unnormalize_to_zero_to_one,
-)
+from examples.diffusion.gaussian_diffusion import GaussianDiffusion, normalize_to_neg_one_to_one, unnormalize_to_zero_to_one
+from examples.diffusion.schedules import beta_schedule, cosine_beta_schedule, linear_beta_schedule
 
 timesteps = st.integers(min_value=21, max_value=2000)
 schedules = st.sampled_from(["linear", "cosine"])

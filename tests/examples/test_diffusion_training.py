@@ -8,7 +8,8 @@ from torch.nn.utils import parametrize as torch_parametrize
 
 import pfunc as pf
 from examples.diffusion.data import BatchOrder
-from examples.diffusion.gaussian_diffusion import GaussianDiffusion, cosine_beta_schedule
+from examples.diffusion.gaussian_diffusion import GaussianDiffusion
+from examples.diffusion.schedules import cosine_beta_schedule
 from examples.diffusion.training import (
     Generators,
     MicroBatch,

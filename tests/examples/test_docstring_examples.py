@@ -1,5 +1,5 @@
 """The runnable examples in the docstrings of the modules that launch and split work across processes, print
-commands, choose threads, check PNG data and turn signals into stops."""
+commands, choose threads, check PNG data, turn signals into stops, and run the diffusion process."""
 
 import doctest
 import importlib
@@ -16,6 +16,8 @@ import pytest
     "examples.threads",
     "examples.diffusion.png_data",
     "examples.diffusion.interrupt",
+    "examples.diffusion.gaussian_diffusion",
+    "examples.diffusion.schedules",
 ])
 def test_the_docstring_examples_run(name):
     result = doctest.testmod(importlib.import_module(name))
