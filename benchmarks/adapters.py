@@ -31,6 +31,7 @@ import pfunc as pf
 from pfunc.parametrizations import LowRankAdapter
 
 from .comparison import Comparison, Variant
+from .ensembles import torch_loop_step
 from .sizes import Sizes
 from .timing import synchronizer
 
@@ -112,15 +113,7 @@ def comparison(sizes: Sizes, n: int, device: torch.device) -> Comparison:
         modules.append(module)
     optimizer = torch.optim.SGD([p for module in modules for p in module.parameters() if p.requires_grad], lr=LR, foreach=True)
 
-    def torch_loop() -> Tensor:
-        losses = []
-        for module, x, y in zip(modules, xs, ys):
-            value = F.mse_loss(module(x), y)
-            value.backward()
-            losses.append(value.detach())
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return torch.stack(losses)
+    torch_loop = torch_loop_step(modules, xs, ys, optimizer)
 
     def torch_view(losses: Tensor) -> dict[str, Any]:
         named = [dict(module.named_parameters()) for module in modules]

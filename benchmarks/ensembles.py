@@ -100,6 +100,23 @@ def notes(sizes: Sizes, device: torch.device | str = "cpu") -> list[str]:
     return [f"torch's own vmap route fails: `{route}` raises `{msg}`" for route, msg in errors.items()]
 
 
+def torch_loop_step(modules: list[nn.Module], xs: Tensor, ys: Tensor, optimizer: torch.optim.Optimizer):
+    """One optimizer step of a Python loop over torch modules, member ``k`` on ``(xs[k], ys[k])`` with the MSE
+    loss: the alternative an ensemble replaces. Returns the step, which returns the members' losses ``(N,)``."""
+
+    def step() -> Tensor:
+        losses = []
+        for module, x, y in zip(modules, xs, ys):
+            loss = F.mse_loss(module(x), y)
+            loss.backward()
+            losses.append(loss.detach())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return torch.stack(losses)
+
+    return step
+
+
 def comparison(sizes: Sizes, n: int, device: torch.device) -> Comparison:
     """The row for ``n`` members."""
     modules, net, params, state = ensemble(sizes, n, device)
@@ -108,15 +125,7 @@ def comparison(sizes: Sizes, n: int, device: torch.device) -> Comparison:
     skeys = tuple(sorted(state))
     optimizer = torch.optim.SGD([p for m in modules for p in m.parameters()], lr=LR, foreach=True)
 
-    def torch_loop() -> Tensor:
-        losses = []
-        for m, x, y in zip(modules, xs, ys):
-            loss = F.mse_loss(m(x), y)
-            loss.backward()
-            losses.append(loss.detach())
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return torch.stack(losses)
+    torch_loop = torch_loop_step(modules, xs, ys, optimizer)
 
     def torch_view(losses: Tensor) -> dict[str, Any]:
         named = [dict(m.named_parameters()) | dict(m.named_buffers()) for m in modules]

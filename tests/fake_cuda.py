@@ -232,6 +232,18 @@ def assert_on(tree: Any, device: torch.device = CUDA, dtype: Optional[torch.dtyp
 WORKER = Path(__file__).with_name("fake_cuda_worker.py")
 
 
+def assert_dry_run_passed(results: dict, name: str, *, checked: int) -> None:
+    """The worker ran dry run ``name``, it passed, and it checked at least ``checked`` tensors."""
+    assert name in results, f"the worker stopped before {name}: {results}"
+    assert results[name]["ok"], results[name]["error"]
+    assert results[name]["checked"] >= checked
+
+
+def failed_dry_runs(results: dict) -> dict[str, str]:
+    """``{name: error}`` of every dry run in ``results`` that failed."""
+    return {k: v["error"] for k, v in results.items() if not k.startswith("_") and not v["ok"]}
+
+
 def run_worker(tmp: Path, names: list[str], *, real: bool = False, timeout_s: float = 300) -> dict:
     """The worker's results for ``names`` (``real``: on the real GPU)."""
     out = tmp / "results.json"

@@ -13,7 +13,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
 
 import pfunc as pf
-from tests.fake_cuda import CUDA, assert_on, fake_cuda, run_worker
+from tests.fake_cuda import CUDA, assert_dry_run_passed, assert_on, failed_dry_runs, fake_cuda, run_worker
 
 # Orthogonal's right_inverse cannot be dry-run (torch.geqrf has no fake kernel in torch): on a real GPU only.
 CORE = [f"builtin:{k}" for k in ("Symmetric", "Skew", "Cayley", "MatrixExp", "SPD", "SpectralNorm", "SpectralNorm.biggan",
@@ -28,10 +28,7 @@ def core_results(tmp_path_factory):
 
 @pytest.mark.parametrize("name", CORE)
 def test_params_outputs_and_new_state_stay_on_cuda(core_results, name):
-    assert name in core_results, f"the worker stopped before {name}: {core_results}"
-    result = core_results[name]
-    assert result["ok"], result["error"]
-    assert result["checked"] >= 4
+    assert_dry_run_passed(core_results, name, checked=4)
 
 
 # -- what the kit catches, in process (factory functions need no CUDA guard) ----------------------------
@@ -81,5 +78,4 @@ def test_fresh_values_draws_its_seed_on_the_generators_device():
 def test_the_dry_runs_compute_on_a_real_gpu(tmp_path):
     """On a GPU: the same runs, computing, gradients and the real-GPU-only ones included."""
     results = run_worker(tmp_path, CORE + REAL_GPU_ONLY, real=True)
-    failed = {k: v["error"] for k, v in results.items() if not k.startswith("_") and not v["ok"]}
-    assert not failed, failed
+    assert not failed_dry_runs(results), failed_dry_runs(results)

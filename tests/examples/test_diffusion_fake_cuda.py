@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
 import examples.diffusion.gaussian_diffusion as gd
 from examples.diffusion.gaussian_diffusion import GaussianDiffusion
 from examples.diffusion.schedules import beta_values
-from tests.fake_cuda import CUDA, assert_on, fake_cuda, run_worker
+from tests.fake_cuda import CUDA, assert_dry_run_passed, assert_on, failed_dry_runs, fake_cuda, run_worker
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,14 +118,10 @@ def main_job_results(tmp_path_factory):
 
 @pytest.mark.parametrize("name", MAIN_JOB)
 def test_the_gpu_presets_step_sampler_and_checkpoint_stay_on_cuda(main_job_results, name):
-    assert name in main_job_results, f"the worker stopped before {name}: {main_job_results}"
-    result = main_job_results[name]
-    assert result["ok"], result["error"]
-    assert result["checked"] >= 2
+    assert_dry_run_passed(main_job_results, name, checked=2)
 
 
 @pytest.mark.cuda
 def test_the_main_job_dry_runs_compute_on_a_real_gpu(tmp_path):
     results = run_worker(tmp_path, MAIN_JOB, real=True)
-    failed = {k: v["error"] for k, v in results.items() if not k.startswith("_") and not v["ok"]}
-    assert not failed, failed
+    assert not failed_dry_runs(results), failed_dry_runs(results)
