@@ -1,5 +1,14 @@
-"""The classic DDPM Unet (Ho et al.), in the layout of denoising-diffusion-pytorch, with plain
+"""The DDPM Unet (Ho et al.), in denoising-diffusion-pytorch's two layouts, with plain
 ``nn.Conv2d`` where that code rewrites the layer.
+
+Two layouts (:data:`LAYOUTS`), switchable per component for ablations:
+
+- ``"classic"`` (releases up to 1.5): weight-standardized conv + GroupNorm in every
+  :class:`Block`, LayerNorm before attention, linear attention's values divided by the
+  number of pixels, linear attention at every level;
+- ``"modern"`` (releases 2.x): plain conv + :class:`RMSNorm`, RMSNorm before attention,
+  learned memory keys/values in every attention layer, unscaled values, full attention at
+  the innermost level.
 
 Every piece of it is here: sinusoidal and random-or-learned sinusoidal time
 embeddings, :class:`Block` (conv -> GroupNorm -> optional scale/shift from the time
@@ -41,6 +50,7 @@ __all__ = [
     "Block",
     "ResnetBlock",
     "LayerNorm",
+    "RMSNorm",
     "PreNorm",
     "Residual",
     "LinearAttention",
@@ -48,6 +58,8 @@ __all__ = [
     "Downsample",
     "Upsample",
     "Unet",
+    "LAYOUTS",
+    "NORMS",
     "weight_standardization_spec",
     "parametrize_unet",
 ]
@@ -97,18 +109,22 @@ class RandomOrLearnedSinusoidalPosEmb(nn.Module):
 
 # ------------------------------------------------------------------------------ blocks
 class Block(nn.Module):
-    """``conv3x3 -> GroupNorm -> x * (scale + 1) + shift (optional) -> SiLU``: ``[B, dim, H, W] -> [B, dim_out, H, W]``.
+    """``conv3x3 -> norm -> x * (scale + 1) + shift (optional) -> SiLU``: ``[B, dim, H, W] -> [B, dim_out, H, W]``.
 
-    ``proj`` is a plain ``nn.Conv2d``; weight standardization is a pfunc parametrization
-    on ``proj.weight`` (see :func:`weight_standardization_spec`).
+    ``norm`` is ``"groupnorm"`` (``groups`` groups; the classic layout) or ``"rmsnorm"``
+    (:class:`RMSNorm`; the modern one). ``proj`` is a plain ``nn.Conv2d``; weight
+    standardization is a pfunc parametrization on ``proj.weight`` (see
+    :func:`weight_standardization_spec`).
     """
 
-    def __init__(self, dim: int, dim_out: int, groups: int = 8):
+    def __init__(self, dim: int, dim_out: int, groups: int = 8, norm: str = "groupnorm"):
         super().__init__()
-        if dim_out % groups:
+        if norm not in NORMS:
+            raise ValueError(f"Block: norm must be one of {NORMS}, got {norm!r}")
+        if norm == "groupnorm" and dim_out % groups:
             raise ValueError(f"Block: dim_out={dim_out} is not divisible by groups={groups} (GroupNorm)")
         self.proj = nn.Conv2d(dim, dim_out, 3, padding=1)
-        self.norm = nn.GroupNorm(groups, dim_out)
+        self.norm = nn.GroupNorm(groups, dim_out) if norm == "groupnorm" else RMSNorm(dim_out)
         self.act = nn.SiLU()
 
     def forward(self, x: Tensor, scale_shift: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
@@ -122,11 +138,11 @@ class Block(nn.Module):
 class ResnetBlock(nn.Module):
     """Two :class:`Block` with a residual 1x1 conv; the time embedding gives the first one's scale and shift."""
 
-    def __init__(self, dim: int, dim_out: int, *, time_emb_dim: Optional[int] = None, groups: int = 8):
+    def __init__(self, dim: int, dim_out: int, *, time_emb_dim: Optional[int] = None, groups: int = 8, norm: str = "groupnorm"):
         super().__init__()
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_emb_dim, dim_out * 2)) if time_emb_dim is not None else None
-        self.block1 = Block(dim, dim_out, groups=groups)
-        self.block2 = Block(dim_out, dim_out, groups=groups)
+        self.block1 = Block(dim, dim_out, groups=groups, norm=norm)
+        self.block2 = Block(dim_out, dim_out, groups=groups, norm=norm)
         self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
 
     def forward(self, x: Tensor, time_emb: Optional[Tensor] = None) -> Tensor:
@@ -152,13 +168,36 @@ class LayerNorm(nn.Module):
         return (x - mean) * (var + eps).rsqrt() * self.g
 
 
-class PreNorm(nn.Module):
-    """``fn(LayerNorm(x))``."""
+class RMSNorm(nn.Module):
+    """``x / ||x|| * sqrt(C) * g`` over the channels of ``[B, C, H, W]``, as denoising-diffusion-pytorch 2.x."""
 
-    def __init__(self, dim: int, fn: nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = dim**0.5
+        self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=1) * (self.g * self.scale)
+
+
+#: The per-channel norms a :class:`Block` (``"groupnorm"``, ``"rmsnorm"``) and the attention layers
+#: (``"layernorm"``, ``"rmsnorm"``) may use.
+NORMS = ("groupnorm", "layernorm", "rmsnorm")
+
+
+def _channel_norm(kind: str, dim: int) -> nn.Module:
+    if kind not in ("layernorm", "rmsnorm"):
+        raise ValueError(f"attention norm must be 'layernorm' or 'rmsnorm', got {kind!r}")
+    return LayerNorm(dim) if kind == "layernorm" else RMSNorm(dim)
+
+
+class PreNorm(nn.Module):
+    """``fn(norm(x))``, ``norm`` a :class:`LayerNorm` (classic) or :class:`RMSNorm` (modern)."""
+
+    def __init__(self, dim: int, fn: nn.Module, norm: str = "layernorm"):
         super().__init__()
         self.fn = fn
-        self.norm = LayerNorm(dim)
+        self.norm = _channel_norm(norm, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fn(self.norm(x))
@@ -181,42 +220,70 @@ def _heads(t: Tensor, heads: int) -> Tensor:
     return t.reshape(b, heads, hd // heads, h * w)
 
 
-class LinearAttention(nn.Module):
-    """Linear-cost attention over pixels (softmax over features for q, over positions for k)."""
+def _with_memory(t: Tensor, memory: Tensor, dim: int) -> Tensor:
+    """``memory`` (``[heads, ...]``, learned) repeated over the batch and put before ``t``'s entries along ``dim``."""
+    return torch.cat((memory.expand(t.shape[0], *memory.shape), t), dim=dim)
 
-    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32):
+
+class LinearAttention(nn.Module):
+    """Linear-cost attention over pixels (softmax over features for q, over positions for k).
+
+    Classic (defaults): values divided by the number of pixels, a LayerNorm after the output
+    conv. Modern: ``num_mem_kv`` learned key/value pairs per head (``mem_kv``,
+    ``[2, heads, dim_head, num_mem_kv]``) attended with the pixels, unscaled values
+    (``scale_values=False``), ``norm="rmsnorm"``.
+    """
+
+    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, *, num_mem_kv: int = 0, scale_values: bool = True,
+                 norm: str = "layernorm"):
         super().__init__()
+        if num_mem_kv < 0:
+            raise ValueError(f"LinearAttention: num_mem_kv must be >= 0, got {num_mem_kv}")
         self.scale = dim_head**-0.5
         self.heads = heads
+        self.scale_values = scale_values
         hidden_dim = dim_head * heads
+        self.mem_kv = nn.Parameter(torch.randn(2, heads, dim_head, num_mem_kv)) if num_mem_kv else None
         self.to_qkv = nn.Conv2d(dim, hidden_dim * 3, 1, bias=False)
-        self.to_out = nn.Sequential(nn.Conv2d(hidden_dim, dim, 1), LayerNorm(dim))
+        self.to_out = nn.Sequential(nn.Conv2d(hidden_dim, dim, 1), _channel_norm(norm, dim))
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         q, k, v = (_heads(t, self.heads) for t in self.to_qkv(x).chunk(3, dim=1))
+        if self.mem_kv is not None:
+            k, v = _with_memory(k, self.mem_kv[0], -1), _with_memory(v, self.mem_kv[1], -1)
         q = q.softmax(dim=-2) * self.scale
         k = k.softmax(dim=-1)
-        v = v / (h * w)
+        if self.scale_values:
+            v = v / (h * w)
         context = torch.einsum("bhdn,bhen->bhde", k, v)
         out = torch.einsum("bhde,bhdn->bhen", context, q)
         return self.to_out(out.reshape(b, -1, h, w))
 
 
 class Attention(nn.Module):
-    """Full (quadratic) multi-head self-attention over pixels, used at the lowest resolution."""
+    """Full (quadratic) multi-head self-attention over pixels, used at the lowest resolution.
 
-    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32):
+    ``num_mem_kv`` learned key/value pairs per head (``mem_kv``, ``[2, heads, num_mem_kv, dim_head]``)
+    are attended with the pixels (the modern layout; 0 in the classic one).
+    """
+
+    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, *, num_mem_kv: int = 0):
         super().__init__()
+        if num_mem_kv < 0:
+            raise ValueError(f"Attention: num_mem_kv must be >= 0, got {num_mem_kv}")
         self.scale = dim_head**-0.5
         self.heads = heads
         hidden_dim = dim_head * heads
+        self.mem_kv = nn.Parameter(torch.randn(2, heads, num_mem_kv, dim_head)) if num_mem_kv else None
         self.to_qkv = nn.Conv2d(dim, hidden_dim * 3, 1, bias=False)
         self.to_out = nn.Conv2d(hidden_dim, dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         q, k, v = (_heads(t, self.heads) for t in self.to_qkv(x).chunk(3, dim=1))
+        if self.mem_kv is not None:
+            k, v = _with_memory(k, self.mem_kv[0].mT, -1), _with_memory(v, self.mem_kv[1].mT, -1)
         sim = torch.einsum("bhdi,bhdj->bhij", q * self.scale, k)
         attn = sim.softmax(dim=-1)
         out = torch.einsum("bhij,bhdj->bhid", attn, v)  # [B, heads, H*W, d]
@@ -254,6 +321,13 @@ class Unet(nn.Module):
     previous estimate of ``x_0`` is concatenated, zeros when absent);
     ``learned_variance`` doubles the output channels. ``attn_heads`` and
     ``attn_dim_head`` size every attention layer (denoising-diffusion-pytorch: 4 and 32).
+
+    The layout options (defaults: the classic layout; :data:`LAYOUTS` gives both):
+    ``block_norm`` (``"groupnorm"`` or ``"rmsnorm"``, every :class:`Block`), ``attn_norm``
+    (``"layernorm"`` or ``"rmsnorm"``, before and after attention), ``num_mem_kv`` (learned
+    memory key/values per attention head), ``scale_linear_values`` (linear attention's values
+    divided by the number of pixels) and ``full_attn_innermost`` (full instead of linear
+    attention at the innermost level).
     """
 
     def __init__(
@@ -271,8 +345,19 @@ class Unet(nn.Module):
         learned_sinusoidal_dim: int = 16,
         attn_heads: int = 4,
         attn_dim_head: int = 32,
+        block_norm: str = "groupnorm",
+        attn_norm: str = "layernorm",
+        num_mem_kv: int = 0,
+        scale_linear_values: bool = True,
+        full_attn_innermost: bool = False,
     ):
         super().__init__()
+        if block_norm not in ("groupnorm", "rmsnorm"):
+            raise ValueError(f"Unet: block_norm must be 'groupnorm' or 'rmsnorm', got {block_norm!r}")
+        if attn_norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"Unet: attn_norm must be 'layernorm' or 'rmsnorm', got {attn_norm!r}")
+        if not isinstance(num_mem_kv, int) or isinstance(num_mem_kv, bool) or num_mem_kv < 0:
+            raise ValueError(f"Unet: num_mem_kv must be a non-negative integer, got {num_mem_kv!r}")
         if dim < 1 or channels < 1 or not dim_mults or any(m < 1 for m in dim_mults):
             raise ValueError(f"Unet: need dim >= 1, channels >= 1 and positive dim_mults; got {dim}, {channels}, {tuple(dim_mults)}")
         self.channels = channels
@@ -287,7 +372,7 @@ class Unet(nn.Module):
         in_out = list(zip(dims[:-1], dims[1:]))
 
         def block(d_in: int, d_out: int) -> ResnetBlock:
-            return ResnetBlock(d_in, d_out, time_emb_dim=time_dim, groups=resnet_block_groups)
+            return ResnetBlock(d_in, d_out, time_emb_dim=time_dim, groups=resnet_block_groups, norm=block_norm)
 
         # time embeddings
         time_dim = dim * 4
@@ -301,8 +386,12 @@ class Unet(nn.Module):
         self.time_mlp = nn.Sequential(sinu_pos_emb, nn.Linear(fourier_dim, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim))
 
         # layers
-        def linear_attn(d: int) -> Residual:
-            return Residual(PreNorm(d, LinearAttention(d, attn_heads, attn_dim_head)))
+        def attn(d: int, full: bool) -> Residual:
+            if full:
+                return Residual(PreNorm(d, Attention(d, attn_heads, attn_dim_head, num_mem_kv=num_mem_kv), attn_norm))
+            layer = LinearAttention(d, attn_heads, attn_dim_head, num_mem_kv=num_mem_kv, scale_values=scale_linear_values,
+                                    norm=attn_norm)
+            return Residual(PreNorm(d, layer, attn_norm))
 
         self.downs = nn.ModuleList([])
         self.ups = nn.ModuleList([])
@@ -314,14 +403,14 @@ class Unet(nn.Module):
                     [
                         block(dim_in, dim_in),
                         block(dim_in, dim_in),
-                        linear_attn(dim_in),
+                        attn(dim_in, full_attn_innermost and is_last),
                         Downsample(dim_in, dim_out) if not is_last else nn.Conv2d(dim_in, dim_out, 3, padding=1),
                     ]
                 )
             )
         mid_dim = dims[-1]
         self.mid_block1 = block(mid_dim, mid_dim)
-        self.mid_attn = Residual(PreNorm(mid_dim, Attention(mid_dim, attn_heads, attn_dim_head)))
+        self.mid_attn = attn(mid_dim, True)
         self.mid_block2 = block(mid_dim, mid_dim)
         for ind, (dim_in, dim_out) in enumerate(reversed(in_out)):
             is_last = ind == len(in_out) - 1
@@ -330,7 +419,7 @@ class Unet(nn.Module):
                     [
                         block(dim_out + dim_in, dim_out),
                         block(dim_out + dim_in, dim_out),
-                        linear_attn(dim_out),
+                        attn(dim_out, full_attn_innermost and ind == 0),
                         Upsample(dim_out, dim_in) if not is_last else nn.Conv2d(dim_out, dim_in, 3, padding=1),
                     ]
                 )
@@ -378,6 +467,16 @@ class Unet(nn.Module):
         return self.final_conv(x)
 
 
+#: The two layouts of denoising-diffusion-pytorch as :class:`Unet` options, with whether the Block convs are
+#: weight-standardized (:func:`parametrize_unet`): ``"classic"`` as its releases up to 1.5, ``"modern"`` as 2.x.
+LAYOUTS: dict[str, dict[str, object]] = {
+    "classic": dict(block_norm="groupnorm", attn_norm="layernorm", num_mem_kv=0, scale_linear_values=True,
+                    full_attn_innermost=False, weight_standardization=True),
+    "modern": dict(block_norm="rmsnorm", attn_norm="rmsnorm", num_mem_kv=4, scale_linear_values=False,
+                   full_attn_innermost=True, weight_standardization=False),
+}
+
+
 # ------------------------------------------------------------------------------ the parametrization
 def weight_standardization_spec(module: nn.Module) -> dict[str, WeightStandardization]:
     """``{"<path>.proj.weight": WeightStandardization()}`` for every :class:`Block` in ``module``.
@@ -388,6 +487,7 @@ def weight_standardization_spec(module: nn.Module) -> dict[str, WeightStandardiz
     return {f"{name}.proj.weight" if name else "proj.weight": WeightStandardization() for name, m in module.named_modules() if isinstance(m, Block)}
 
 
-def parametrize_unet(unet: Unet) -> pf.Parametrized:
-    """``unet`` with :class:`~pfunc.parametrizations.WeightStandardization` on every Block conv (the module is not modified)."""
-    return pf.parametrize(unet, weight_standardization_spec(unet))
+def parametrize_unet(unet: Unet, weight_standardization: bool = True) -> pf.Parametrized:
+    """``unet`` as a pfunc value: with :class:`~pfunc.parametrizations.WeightStandardization` on every Block conv
+    (or, ``weight_standardization=False``, no parametrization: plain convs). The module is not modified."""
+    return pf.parametrize(unet, weight_standardization_spec(unet) if weight_standardization else {})

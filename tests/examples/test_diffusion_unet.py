@@ -12,8 +12,11 @@ import pfunc as pf
 from examples.diffusion.unet import (
     Attention,
     Block,
+    LAYOUTS,
     Downsample,
+    LayerNorm,
     LinearAttention,
+    RMSNorm,
     RandomOrLearnedSinusoidalPosEmb,
     SinusoidalPosEmb,
     Unet,
@@ -188,3 +191,85 @@ def test_bad_unet_arguments_are_refused_with_the_name():
         Block(4, 6, groups=4)
     with pytest.raises(ValueError, match="dim"):
         SinusoidalPosEmb(5)
+
+
+# ------------------------------------------------------------------------------ the two layouts
+def layout_unet(layout: str, **kw) -> tuple[Unet, pf.Parametrized]:
+    options = dict(LAYOUTS[layout])
+    weight_standardization = options.pop("weight_standardization")
+    torch.manual_seed(0)
+    unet = Unet(**{**TINY, **options, **kw})
+    return unet, parametrize_unet(unet, weight_standardization)
+
+
+def test_the_modern_layout_has_rmsnorm_memory_key_values_full_attention_innermost_and_plain_convs():
+    unet, net = layout_unet("modern")
+    assert not any(isinstance(m, (nn.GroupNorm, LayerNorm)) for m in unet.modules())
+    assert all(isinstance(m.norm, RMSNorm) for m in unet.modules() if isinstance(m, Block))
+    assert net.chains == {}                                       # no weight standardization
+    # the innermost level's attention is full attention, down and up; the others linear
+    assert isinstance(unet.downs[-1][2].fn.fn, Attention) and isinstance(unet.ups[0][2].fn.fn, Attention)
+    assert isinstance(unet.downs[0][2].fn.fn, LinearAttention) and not unet.downs[0][2].fn.fn.scale_values
+    assert unet.downs[0][2].fn.fn.mem_kv.shape == (2, 2, 8, 4)    # [2, heads, dim_head, memories]
+    assert unet.mid_attn.fn.fn.mem_kv.shape == (2, 2, 4, 8)       # [2, heads, memories, dim_head]
+    params, state = net.init()
+    out, _ = net(params, state, torch.randn(3, 1, 8, 8), torch.tensor([0.0, 10.0, 999.0]), training=True)
+    assert out.shape == (3, 1, 8, 8) and bool(torch.isfinite(out).all())
+
+
+def test_the_classic_layout_is_the_default_unet():
+    default, _ = layout_unet("classic")
+    torch.manual_seed(0)
+    plain = Unet(**TINY)
+    assert sorted(default.state_dict()) == sorted(plain.state_dict())
+    assert all(torch.equal(default.state_dict()[k], v) for k, v in plain.state_dict().items())
+
+
+def test_rmsnorm_is_unit_rms_times_the_gain():
+    norm = RMSNorm(6)
+    with torch.no_grad():
+        norm.g.copy_(torch.arange(1.0, 7.0).reshape(1, 6, 1, 1))
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64)
+    expected = x / x.pow(2).mean(dim=1, keepdim=True).sqrt() * norm.g.double()
+    torch.testing.assert_close(norm.double()(x), expected)
+
+
+def test_full_attention_with_memory_equals_attention_over_memory_and_pixels():
+    torch.manual_seed(0)
+    layer = Attention(6, heads=2, dim_head=4, num_mem_kv=3)
+    x = torch.randn(2, 6, 3, 3)
+    q, k, v = (t.reshape(2, 2, 4, 9).transpose(-1, -2) for t in layer.to_qkv(x).chunk(3, dim=1))  # [B, h, n, d]
+    memory_k, memory_v = (m.expand(2, *m.shape) for m in layer.mem_kv)
+    out = F.scaled_dot_product_attention(q, torch.cat((memory_k, k), dim=-2), torch.cat((memory_v, v), dim=-2))
+    expected = layer.to_out(out.transpose(-1, -2).reshape(2, 8, 3, 3))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_attention_with_memory_attends_to_the_memories_as_extra_positions():
+    torch.manual_seed(0)
+    layer = LinearAttention(6, heads=2, dim_head=4, num_mem_kv=3, scale_values=False, norm="rmsnorm")
+    x = torch.randn(2, 6, 3, 3)
+    q, k, v = (t.reshape(2, 2, 4, 9) for t in layer.to_qkv(x).chunk(3, dim=1))                  # [B, h, d, n]
+    k = torch.cat((layer.mem_kv[0].expand(2, -1, -1, -1), k), dim=-1).softmax(dim=-1)
+    v = torch.cat((layer.mem_kv[1].expand(2, -1, -1, -1), v), dim=-1)
+    q = q.softmax(dim=-2) * 4**-0.5
+    out = torch.einsum("bhde,bhdn->bhen", torch.einsum("bhdn,bhen->bhde", k, v), q)
+    torch.testing.assert_close(layer(x), layer.to_out(out.reshape(2, 8, 3, 3)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("block_norm", "batchnorm", "Unet: block_norm must be 'groupnorm' or 'rmsnorm', got 'batchnorm'"),
+    ("attn_norm", "groupnorm", "Unet: attn_norm must be 'layernorm' or 'rmsnorm', got 'groupnorm'"),
+    ("num_mem_kv", -1, "Unet: num_mem_kv must be a non-negative integer, got -1"),
+    ("num_mem_kv", 2.5, "Unet: num_mem_kv must be a non-negative integer, got 2.5"),
+])
+def test_a_bad_layout_option_is_refused_naming_it(option, value, message):
+    with pytest.raises(ValueError) as e:
+        Unet(**TINY, **{option: value})
+    assert str(e.value) == message
+
+
+def test_the_modern_layout_ignores_group_counts_that_groupnorm_would_refuse():
+    unet, net = layout_unet("modern", resnet_block_groups=3)      # 8 channels are not 3 groups: fine without GroupNorm
+    params, state = net.init()
+    assert net(params, state, torch.randn(1, 1, 8, 8), torch.tensor([5.0]), training=True)[0].shape == (1, 1, 8, 8)
