@@ -29,8 +29,9 @@ import pfunc
 from .data import MIN_SHAPES_SIZE
 from .gaussian_diffusion import OBJECTIVES
 from .schedules import SCHEDULES
+from .unet import LAYOUTS
 
-__all__ = ["TrainConfig", "PRESETS", "RUN_OPTIONS", "ConfigError", "check_values", "validate", "check_device",
+__all__ = ["TrainConfig", "PRESETS", "RUN_OPTIONS", "ADDED_FIELDS", "ConfigError", "check_values", "validate", "check_device",
            "config_differences", "flag", "SEED_LIMIT"]
 
 
@@ -55,6 +56,7 @@ class TrainConfig:
     learned_sinusoidal_cond: bool
     random_fourier_features: bool
     learned_sinusoidal_dim: int
+    layout: str
     # diffusion
     timesteps: int
     beta_schedule: str
@@ -91,10 +93,12 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
         """The config of :meth:`to_dict`'s output; :class:`ConfigError` for unknown or missing fields (values unchecked:
-        see :func:`check_values`)."""
+        see :func:`check_values`). A field added since the config was written (:data:`ADDED_FIELDS`) takes the value
+        it had then: a checkpoint from before ``--layout`` resumes in the classic layout it was trained in."""
         if not isinstance(d, Mapping):
             raise ConfigError(f"config must be a dict, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
+        d = {**ADDED_FIELDS, **d}
         unknown, missing = sorted(set(d) - names), sorted(names - set(d))
         if unknown or missing:
             raise ConfigError(f"config has unknown fields {unknown} and lacks fields {missing}")
@@ -110,6 +114,9 @@ class TrainConfig:
         return 2 ** (len(self.dim_mults) - 1)
 
 
+# Fields added after the first release, with the value that a config written before them meant.
+ADDED_FIELDS = {"layout": "classic"}
+
 # What a resumed run may change; every other field must match the checkpoint.
 RUN_OPTIONS = frozenset(
     {"steps", "bf16", "compile", "checkpoint_every", "sampling_steps", "ddim_eta", "num_samples", "eval_samples", "log_every"}
@@ -122,6 +129,7 @@ _COMMON = dict(
     learned_sinusoidal_cond=False,
     random_fourier_features=False,
     learned_sinusoidal_dim=16,
+    layout="classic",
     timesteps=1000,
     beta_schedule="cosine",
     objective="pred_noise",
@@ -224,7 +232,7 @@ def check_values(cfg: TrainConfig) -> None:
     for name in _BOOL_FIELDS:
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(f"{flag(name)} must be true or false, got {getattr(cfg, name)!r}")
-    for name in ("beta_schedule", "objective", "dataset"):
+    for name in ("beta_schedule", "objective", "dataset", "layout"):
         if not isinstance(getattr(cfg, name), str):
             raise ConfigError(f"{flag(name)} must be a string, got {getattr(cfg, name)!r}")
     for name in ("lr", "weight_decay", "max_grad_norm", "ddim_eta", "ema_decay"):
@@ -239,7 +247,7 @@ def check_values(cfg: TrainConfig) -> None:
         raise ConfigError(f"--dim must be even and at least 4 (sinusoidal time embedding), got {cfg.dim}")
     if cfg.learned_sinusoidal_dim % 2:
         raise ConfigError(f"--learned-sinusoidal-dim must be even, got {cfg.learned_sinusoidal_dim}")
-    for m in (1, *cfg.dim_mults):
+    for m in (1, *cfg.dim_mults) if LAYOUTS.get(cfg.layout, {}).get("block_norm") == "groupnorm" else ():
         if (cfg.dim * m) % cfg.resnet_block_groups:
             raise ConfigError(
                 f"--resnet-block-groups {cfg.resnet_block_groups} must divide every level width "
@@ -255,6 +263,8 @@ def check_values(cfg: TrainConfig) -> None:
         )
     if cfg.channels not in (1, 3):
         raise ConfigError(f"--channels must be 1 or 3, got {cfg.channels}")
+    if cfg.layout not in LAYOUTS:
+        raise ConfigError(f"--layout must be one of {', '.join(LAYOUTS)}, got {cfg.layout!r}")
     if cfg.beta_schedule not in SCHEDULES:
         raise ConfigError(f"--beta-schedule must be one of {', '.join(SCHEDULES)}, got {cfg.beta_schedule!r}")
     if cfg.objective not in OBJECTIVES:
@@ -315,7 +325,9 @@ def _mults(cfg: TrainConfig) -> str:
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], ignore: frozenset[str] = RUN_OPTIONS) -> list[str]:
-    """One line per field (outside ``ignore``) whose value differs: ``"--dim: checkpoint 16, now 32"``."""
+    """One line per field (outside ``ignore``) whose value differs: ``"--dim: checkpoint 16, now 32"``. A field
+    one side predates (:data:`ADDED_FIELDS`) counts as the value it had then."""
+    saved, current = {**ADDED_FIELDS, **saved}, {**ADDED_FIELDS, **current}
     out = []
     for name in sorted((set(saved) | set(current)) - ignore):
         a, b = saved.get(name, "<absent>"), current.get(name, "<absent>")

@@ -1,7 +1,8 @@
 """The model a :class:`~.config.TrainConfig` describes, and drawing images from its weights.
 
-:func:`build_model` makes the Unet (initialised from the config's seed), its pfunc
-parametrization (weight standardization on every ``Block`` conv) and the diffusion process.
+:func:`build_model` makes the Unet (initialised from the config's seed) in the config's layout, its
+pfunc parametrization (weight standardization on every ``Block`` conv in the classic layout) and the
+diffusion process.
 :func:`sample_images` draws images from a set of weights (the EMA params, usually) in
 batches, materialising the parametrized weights once and reusing them for every step: the
 explicit cache. Both the training command (its end-of-run samples) and the sampling command
@@ -21,7 +22,7 @@ use them, so the two draw the same images from the same weights, seed and batch 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -31,13 +32,22 @@ import pfunc as pf
 from .config import TrainConfig
 from .gaussian_diffusion import GaussianDiffusion
 from .schedules import beta_values
-from .unet import Unet, parametrize_unet
+from .unet import LAYOUTS, Unet, parametrize_unet
 
 __all__ = ["build_model", "sample_images", "sampling_calls"]
 
 
-def build_model(cfg: TrainConfig) -> tuple[Unet, pf.Parametrized, GaussianDiffusion]:
-    """``(unet, net, diffusion)``: the Unet (initialised from ``cfg.seed``), its pfunc parametrization, the process."""
+def build_model(cfg: TrainConfig, layout_options: Optional[Mapping[str, Any]] = None) -> tuple[Unet, pf.Parametrized, GaussianDiffusion]:
+    """``(unet, net, diffusion)``: the Unet (initialised from ``cfg.seed``), its pfunc parametrization, the process.
+
+    The Unet has the layout ``cfg.layout`` (:data:`~.unet.LAYOUTS`), with any of its entries replaced by
+    ``layout_options`` (an ablation: e.g. ``{"num_mem_kv": 4}``).
+    """
+    options = {**LAYOUTS[cfg.layout], **(layout_options or {})}
+    unknown = sorted(set(options) - set(LAYOUTS[cfg.layout]))
+    if unknown:
+        raise ValueError(f"build_model: layout_options has unknown entries {unknown}; known: {sorted(LAYOUTS[cfg.layout])}")
+    weight_standardization = options.pop("weight_standardization")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         unet = Unet(
@@ -52,8 +62,9 @@ def build_model(cfg: TrainConfig) -> tuple[Unet, pf.Parametrized, GaussianDiffus
             learned_sinusoidal_dim=cfg.learned_sinusoidal_dim,
             attn_heads=cfg.attn_heads,
             attn_dim_head=cfg.attn_dim_head,
+            **options,
         )
-    net = parametrize_unet(unet)
+    net = parametrize_unet(unet, weight_standardization)
     diffusion = GaussianDiffusion(
         beta_values(cfg.beta_schedule, cfg.timesteps),
         objective=cfg.objective,

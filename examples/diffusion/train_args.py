@@ -118,7 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model (the classic DDPM Unet)")
     model.add_argument("--dim", type=int, help="base width of the Unet" + _preset_note("dim"))
     model.add_argument("--dim-mults", type=_mults, help="width multiplier per resolution level, e.g. 1,2,4" + _preset_note("dim_mults"))
-    model.add_argument("--resnet-block-groups", type=int, help="GroupNorm groups in every Block" + _preset_note("resnet_block_groups"))
+    model.add_argument("--layout", choices=("classic", "modern"),
+                       help="'classic': GroupNorm + weight standardization (a pfunc parametrization) in every Block, "
+                       "LayerNorm before attention (denoising-diffusion-pytorch up to 1.5); 'modern': RMSNorm, learned "
+                       "memory key/values, full attention at the innermost level (its 2.x releases)" + _preset_note("layout"))
+    model.add_argument("--resnet-block-groups", type=int, help="GroupNorm groups in every Block (classic layout)"
+                       + _preset_note("resnet_block_groups"))
     model.add_argument("--attn-heads", type=int, help="heads of every attention layer" + _preset_note("attn_heads"))
     model.add_argument("--attn-dim-head", type=int, help="width of each attention head" + _preset_note("attn_dim_head"))
     model.add_argument("--self-condition", action=argparse.BooleanOptionalAction, default=None,

@@ -99,6 +99,13 @@ def test_config_differences_name_each_field_and_ignore_run_options():
     assert diffs == ["--dim: checkpoint 16, now 32", "--dim-mults: checkpoint [1, 2, 4], now [1, 2]"]
 
 
+def test_a_config_written_before_the_layout_flag_is_the_classic_layout():
+    old = {k: v for k, v in TrainConfig(**{**PRESETS["cpu"], "layout": "classic"}).to_dict().items() if k != "layout"}
+    assert TrainConfig.from_dict(old).layout == "classic"
+    assert config_differences(old, {**old, "layout": "classic"}) == []
+    assert config_differences(old, {**old, "layout": "modern"}) == ["--layout: checkpoint 'classic', now 'modern'"]
+
+
 # ------------------------------------------------------------------------------ faults during a save
 class _DiskFillsAfter:
     """A real file object whose writes fail with ENOSPC once ``room`` bytes are written, as on a full disk."""

@@ -81,6 +81,7 @@ def _fails(argv, capsys, tmp_path, code=2):
         (["--threads", "0"], "--threads must be a positive integer"),
         (["--eval-samples", "1"], "--eval-samples must be 0 (no quality score) or at least 2"),
         (["--dim-mults", "1,x"], "expected comma-separated integers"),
+        (["--layout", "newest"], "argument --layout: invalid choice: 'newest'"),
     ],
 )
 def test_bad_values_fail_before_any_work_naming_the_flag(argv, message, capsys, tmp_path):
@@ -199,6 +200,30 @@ def test_resume_with_a_different_model_flag_names_every_difference(finished_run,
     err = capsys.readouterr().err
     assert "--dim: checkpoint 8, now 16" in err and "--objective: checkpoint 'pred_noise', now 'pred_v'" in err
     assert "--steps" not in err.split("differs")[-1]  # a run option may change
+
+
+def test_a_checkpoint_from_before_the_layout_flag_resumes_in_the_classic_layout_it_was_trained_in(capsys, tmp_path):
+    assert main([*TINY, "--layout", "classic", "--steps", "2", "--results-dir", str(tmp_path / "runs")]) == 0
+    (run,) = list((tmp_path / "runs").iterdir())
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    del ckpt["config"]["layout"]                      # as written before --layout existed
+    save_checkpoint(run / "checkpoint.pt", ckpt)
+    with pytest.raises(SystemExit) as e:
+        main(["--resume", str(run), "--layout", "modern", "--steps", "3"])
+    assert e.value.code == 2 and "--layout: checkpoint 'classic', now 'modern'" in capsys.readouterr().err
+    assert main(["--resume", str(run), "--steps", "3"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 3 and metrics["config"]["layout"] == "classic"
+
+
+def test_both_layouts_train_and_the_modern_one_needs_no_group_count(tmp_path):
+    for layout, extra in (("modern", ["--resnet-block-groups", "3"]), ("classic", [])):
+        root = tmp_path / layout
+        assert main([*TINY, "--layout", layout, *extra, "--steps", "2", "--results-dir", str(root)]) == 0
+        (run,) = list(root.iterdir())
+        params = load_checkpoint(run / "checkpoint.pt")["params"]
+        assert any(k.endswith("mem_kv") for k in params) == (layout == "modern")
+        assert any("parametrizations" in k for k in params) == (layout == "classic")
 
 
 def test_resume_from_a_checkpoint_of_another_model_is_refused(finished_run, capsys, tmp_path):
