@@ -1,0 +1,94 @@
+"""denoising-diffusion-pytorch's model code (its ``Unet`` and blocks), loaded without importing the package.
+
+The package's ``__init__`` pulls torchvision, accelerate, ema-pytorch and pytorch-fid (its data,
+trainer and FID), none of which its ``Unet`` uses; the CPU torch wheel and the registry's
+torchvision do not even import side by side. So the model code, everything in
+``denoising_diffusion_pytorch.py`` before its diffusion process, is read from the package's
+files and run on its own, with ``attend.py``'s ``Attend`` (2.x) supplied the same way.
+
+``where`` is a folder holding the package (``.../site-packages``, an unpacked wheel) or the
+package folder itself, or a wheel file; by default the installed package (the ``benchmarks``
+extra installs 2.3.4: ``pip install -e ".[benchmarks]"``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import re
+import types
+import zipfile
+from typing import Optional, Union
+
+__all__ = ["ReferenceUnavailable", "package_folder", "load_model_code", "version"]
+
+PACKAGE = "denoising_diffusion_pytorch"
+# Imports of the package's module that its model code does not use (data, training, FID, type checks).
+UNUSED_IMPORTS = ("from torchvision", "from PIL", "from tqdm", "from ema_pytorch", "from accelerate",
+                  "from pytorch_fid", "from scipy", f"from {PACKAGE}.version", f"from {PACKAGE}.attend",
+                  "from beartype", "from jaxtyping", "from multiprocessing")
+
+
+class ReferenceUnavailable(RuntimeError):
+    """denoising-diffusion-pytorch (or what its model code needs) is not where it was looked for; the message says how to get it."""
+
+
+def package_folder(where: Union[str, pathlib.Path, None] = None) -> pathlib.Path:
+    """The ``denoising_diffusion_pytorch`` folder in ``where`` (see the module docstring), or the installed one."""
+    if where is None:
+        spec = importlib.util.find_spec(PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            raise ReferenceUnavailable(f"{PACKAGE} is not installed: pip install -e \".[benchmarks]\" (2.3.4), or "
+                                       f"pip install --no-deps denoising-diffusion-pytorch==1.5.0 einops")
+        return pathlib.Path(next(iter(spec.submodule_search_locations)))
+    path = pathlib.Path(where)
+    if path.is_file() and path.suffix == ".whl":
+        target = path.with_suffix("")
+        if not (target / PACKAGE).is_dir():
+            with zipfile.ZipFile(path) as wheel:
+                wheel.extractall(target)
+        path = target
+    for candidate in (path, path / PACKAGE):
+        if (candidate / f"{PACKAGE}.py").is_file():
+            return candidate
+    raise ReferenceUnavailable(f"{where}: holds no {PACKAGE}/{PACKAGE}.py (give a site-packages folder, an unpacked or "
+                               f"packed wheel, or the package folder)")
+
+
+def version(where: Union[str, pathlib.Path, None] = None) -> str:
+    """The release of the package in ``where`` (its ``version.py``, else the dist-info folder beside it)."""
+    folder = package_folder(where)
+    version_file = folder / "version.py"
+    if version_file.is_file():
+        found = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", version_file.read_text())
+        if found:
+            return found.group(1)
+    for info in folder.parent.glob("denoising_diffusion_pytorch-*.dist-info"):
+        return info.name.split("-")[1]
+    return "unknown"
+
+
+def _exec(name: str, source: str, filename: str, namespace: Optional[dict] = None) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__dict__.update(namespace or {})
+    exec(compile(source, filename, "exec"), module.__dict__)
+    return module
+
+
+def load_model_code(where: Union[str, pathlib.Path, None] = None) -> types.ModuleType:
+    """A module holding the package's ``Unet`` and its blocks (everything before its diffusion process).
+
+    :class:`ReferenceUnavailable` when the package or einops (which its model code uses) is missing.
+    """
+    folder = package_folder(where)
+    if importlib.util.find_spec("einops") is None:
+        raise ReferenceUnavailable(f"{PACKAGE}'s model code needs einops: pip install einops")
+    source_file = folder / f"{PACKAGE}.py"
+    source = source_file.read_text()
+    model_code = source.split("def extract(a, t, x_shape):")[0]
+    model_code = "\n".join(line for line in model_code.splitlines() if not line.startswith(UNUSED_IMPORTS))
+    namespace = {}
+    attend_file = folder / "attend.py"
+    if f"from {PACKAGE}.attend import Attend" in source:
+        namespace["Attend"] = _exec(f"{PACKAGE}_attend", attend_file.read_text(), str(attend_file)).Attend
+    return _exec(f"{PACKAGE}_model", model_code, str(source_file), namespace)
