@@ -32,10 +32,13 @@ def _same(result: Any) -> Any:
 @dataclass(frozen=True)
 class Variant:
     """One way to compute the thing: ``run()`` is what is timed; ``view(run())`` is the
-    tree of tensors compared across variants (outputs, gradients, new state...)."""
+    tree of tensors compared across variants (outputs, gradients, new state...). A variant that
+    computes something else on purpose (``checked=False``: another network timed beside the
+    others) is run by the check but not compared."""
 
     run: Thunk
     view: Callable[[Any], Any] = _same
+    checked: bool = True
 
 
 class MismatchError(AssertionError):
@@ -85,6 +88,8 @@ class Comparison:
             if name == self.reference:
                 continue
             got = variant.view(variant.run())
+            if not variant.checked:
+                continue
             try:
                 torch.testing.assert_close(got, expected, rtol=self.rtol, atol=self.atol)
             except AssertionError as e:

@@ -21,7 +21,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from . import adapters, caching, call_overhead, compiled, distributed, ensembles, layers, power_iteration, unet
+from . import (adapters, caching, call_overhead, compiled, distributed, ensembles, layers, power_iteration,
+               reference_diffusion, unet)
 from .comparison import Comparison, Row
 from .machine import describe
 from .report import assemble, device_section, fmt_seconds
@@ -40,6 +41,7 @@ FAMILY_MODULES = {
     "call_overhead": call_overhead,
     "distributed": distributed,
     "adapters": adapters,
+    "reference_diffusion": reference_diffusion,
 }
 
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device-name fragment, most specific first
@@ -111,6 +113,8 @@ def notes(family: str, sizes: Sizes, device: torch.device, warm_up_s: Optional[f
         return distributed.notes(sizes, device)
     if family == "unet" and not unet.available():
         return ["`examples/diffusion/unet.py` is not importable here: item 6 not measured."]
+    if family == "reference_diffusion" and not reference_diffusion.available():
+        return ["denoising-diffusion-pytorch is not installed here (`pip install -e \".[benchmarks]\"`): item 10 not measured."]
     return []
 
 
