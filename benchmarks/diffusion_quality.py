@@ -99,8 +99,10 @@ def _reference_module(cfg, reference_path: Optional[str]) -> nn.Module:
 
 
 def train_and_score(arm: Arm, seed: int, sampling_seeds: Sequence[int], *, steps: int, judge, data: Tensor,
-                    reference_path: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
-    """Train ``arm`` from training seed ``seed`` for ``steps`` steps and score its EMA from each sampling seed."""
+                    reference_path: Optional[str] = None, samples: int = 500, sampling_steps: int = 50,
+                    log: Callable[[str], None] = print) -> dict:
+    """Train ``arm`` from training seed ``seed`` for ``steps`` steps and score its EMA's ``samples`` images
+    (DDIM, ``sampling_steps`` steps, eta 1) from each sampling seed."""
     import pfunc as pf
     from examples.diffusion.model import build_model
     from examples.diffusion.quality import evaluate_shapes
@@ -148,14 +150,15 @@ def train_and_score(arm: Arm, seed: int, sampling_seeds: Sequence[int], *, steps
     with torch.no_grad():
         for sampling_seed in sampling_seeds:
             g = torch.Generator().manual_seed(sampling_seed)
-            images = diffusion.sample(model, (cfg.eval_samples, cfg.channels, cfg.image_size, cfg.image_size), g,
-                                      cfg.sampling_steps, cfg.ddim_eta)
+            images = diffusion.sample(model, (samples, cfg.channels, cfg.image_size, cfg.image_size), g, sampling_steps,
+                                      cfg.ddim_eta)
             result = evaluate_shapes(images, cfg.image_size, cfg.channels, judge=judge)
             scores.append({"sampling_seed": sampling_seed, "fcd": result["samples"]["fcd"],
                            "class_counts": result["samples"]["class_counts"], "real_fcd": result["real"]["fcd"],
                            "noise_fcd": result["noise"]["fcd"]})
             log(f"  sampling seed {sampling_seed}: FCD {scores[-1]['fcd']:.1f}, classes {scores[-1]['class_counts']}")
-    return {"arm": arm.description, "options": arm.options, "seed": seed, "steps": steps,
+    return {"arm": arm.description, "options": arm.options, "seed": seed, "steps": steps, "samples": samples,
+            "sampling_steps": sampling_steps,
             "final_loss": statistics.fmean(losses[-100:]), "train_cpu_s": train_s, "scores": scores,
             "torch": torch.__version__}
 
@@ -165,10 +168,13 @@ def table(folder: Path, arms: Optional[Sequence[str]] = None) -> str:
     results: dict[str, list[dict]] = {}
     for path in sorted(folder.glob("*-seed*.json")):
         name = path.name.rsplit("-seed", 1)[0]
-        results.setdefault(name, []).append(json.loads(path.read_text()))
+        try:
+            results.setdefault(name, []).append(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a result this command wrote ({e})") from None
     order = [a for a in (arms or ARMS) if a in results] + sorted(set(results) - set(arms or ARMS))
     lines = ["| arm | FCD per training seed (mean of its sampling seeds) | mean FCD (all runs) | spread of run means | "
-             "disks / crosses / triangles per 500 (mean) | final loss |", "|---|---|---|---|---|---|"]
+             "disks / crosses / triangles (mean count) | final loss |", "|---|---|---|---|---|---|"]
     for name in order:
         runs = sorted(results[name], key=lambda r: r["seed"])
         per_seed = [statistics.fmean(s["fcd"] for s in r["scores"]) for r in runs]
@@ -183,6 +189,20 @@ def table(folder: Path, arms: Optional[Sequence[str]] = None) -> str:
                      + " / ".join(f"{c:.0f}" for c in pick)
                      + f" | {statistics.fmean(r['final_loss'] for r in runs):.4f} |")
     return "\n".join(lines)
+
+
+def _different_budget(path: Path, args: argparse.Namespace) -> Optional[str]:
+    """Why the result in ``path`` is not this command's run (``None``: it is, and is kept)."""
+    try:
+        done = json.loads(path.read_text())
+        budget = (done["steps"], done["samples"], done["sampling_steps"], [r["sampling_seed"] for r in done["scores"]])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"is not a result this command wrote ({type(e).__name__}: {e})"
+    wanted = (args.steps, args.samples, args.sampling_steps, list(args.sampling_seeds))
+    if budget != wanted:
+        return (f"holds a run of --steps {budget[0]} --samples {budget[1]} --sampling-steps {budget[2]} --sampling-seeds "
+                f"{','.join(map(str, budget[3]))}, not this command's")
+    return None
 
 
 def _ints(text: str) -> list[int]:
@@ -200,6 +220,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--train-seeds", type=_ints, default=[0, 1, 2], help="training seeds (default 0,1,2)")
     p.add_argument("--sampling-seeds", type=_ints, default=[0, 1, 2], help="sampling seeds per trained network (default 0,1,2)")
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default: the CPU preset's 1500)")
+    p.add_argument("--samples", type=int, default=500, help="images scored per sampling seed (default 500, as the main job)")
+    p.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps, eta 1 (default 50, as the main job)")
     p.add_argument("--reference", default=None, help="where denoising-diffusion-pytorch is (default: the installed package; "
                    "or a wheel, an unpacked wheel, a site-packages folder)")
     p.add_argument("--out", type=Path, default=Path("results/quality"), help="folder of the per-run JSON files")
@@ -213,8 +235,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     unknown = [a for a in arms if a not in ARMS]
     if unknown or not arms:
         p.error(f"--arms: unknown {unknown}; choose from {', '.join(ARMS)}")
-    if args.steps < 1 or args.threads < 1 or not args.train_seeds or not args.sampling_seeds:
-        p.error("--steps and --threads must be positive, --train-seeds and --sampling-seeds non-empty")
+    for name in ("steps", "threads", "sampling_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.samples < 2:
+        p.error(f"--samples must be at least 2 (a Fréchet distance needs a covariance), got {args.samples}")
+    if args.sampling_steps >= 1000:
+        p.error(f"--sampling-steps must be below the 1000 training timesteps (DDIM), got {args.sampling_steps}")
+    if not args.train_seeds or not args.sampling_seeds or min(args.train_seeds + args.sampling_seeds) < 0:
+        p.error("--train-seeds and --sampling-seeds must be non-empty lists of non-negative integers")
     if "ddpm" in arms:
         from benchmarks.reference_unet import ReferenceUnavailable, version
 
@@ -237,13 +266,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for name in arms:
             target = args.out / f"{name}-seed{seed}.json"
             if target.exists():
+                problem = _different_budget(target, args)
+                if problem:
+                    p.error(f"{target} {problem}: give another --out, or delete the file to redo it")
                 continue
             if judge is None:
                 judge, accuracy = train_judge(cfg.image_size, cfg.channels, "cpu", steps=JUDGE_STEPS)
                 print(f"judge trained (accuracy {accuracy:.3f})")
             print(f"{name}, training seed {seed}:", flush=True)
             result = train_and_score(ARMS[name], seed, args.sampling_seeds, steps=args.steps, judge=judge, data=data,
-                                     reference_path=args.reference, log=lambda s: print(s, flush=True))
+                                     reference_path=args.reference, samples=args.samples, sampling_steps=args.sampling_steps,
+                                     log=lambda s: print(s, flush=True))
             if ARMS[name].reference:
                 result["reference_version"] = ddpm_version
             tmp = target.with_suffix(".tmp")
