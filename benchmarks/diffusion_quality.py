@@ -18,6 +18,8 @@ functionally, exactly as ``python -m examples.diffusion.train`` does.
     python -m benchmarks.diffusion_quality --arms classic,modern,ddpm --train-seeds 0,1,2 --out results/quality
     python -m benchmarks.diffusion_quality --table results/quality        # the table of what is there
 
+An arm name may end in ``@FIELD=VALUE`` suffixes that change its training recipe (``classic@objective=pred_v``).
+
 Each (arm, training seed) writes ``ARM-seedS.json`` in ``--out`` and is skipped when that file
 exists, so a long comparison can be split over processes (one thread each) and resumed. A run of
 the full budget takes about 8 minutes per (arm, seed) on one core of this project's machine.
@@ -33,7 +35,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -53,11 +55,13 @@ COMPONENTS = {
 
 @dataclass(frozen=True)
 class Arm:
-    """One network to train: the main job's Unet with ``options`` (``reference=False``) or the package's ``Unet``."""
+    """One network to train: the main job's Unet with ``options`` (``reference=False``) or the package's ``Unet``;
+    ``training`` replaces entries of the CPU preset (e.g. ``{"objective": "pred_v"}``)."""
 
     description: str
     options: dict
     reference: bool = False
+    training: dict = field(default_factory=dict)
 
 
 def _arms() -> dict[str, Arm]:
@@ -76,6 +80,37 @@ def _arms() -> dict[str, Arm]:
 
 
 ARMS: dict[str, Arm] = {}
+
+# What an arm's "@field=value" suffix may change: the training recipe, not the budget or the data.
+RECIPE_FIELDS = ("objective", "lr", "beta_schedule", "ema_decay", "ema_after", "batch_size", "max_grad_norm", "weight_decay")
+
+
+def arm(name: str) -> Arm:
+    """The arm ``name``: one of :data:`ARMS`, optionally with ``@field=value`` suffixes changing its training recipe
+    (``classic@objective=pred_v@lr=0.001``); ``ValueError`` naming what is unknown or invalid."""
+    base, *recipe = name.split("@")
+    if base not in ARMS:
+        raise ValueError(f"unknown arm {base!r}; choose from {', '.join(ARMS)}")
+    training = {}
+    from examples.diffusion.config import PRESETS, ConfigError, TrainConfig, check_values
+
+    for item in recipe:
+        key, eq, text = item.partition("=")
+        if key not in RECIPE_FIELDS or not eq:
+            raise ValueError(f"{name}: '{item}' is not FIELD=VALUE with FIELD one of {', '.join(RECIPE_FIELDS)}")
+        kind = type(PRESETS["cpu"][key])
+        try:
+            training[key] = kind(text)
+        except ValueError:
+            raise ValueError(f"{name}: {key} must be a {kind.__name__}, got {text!r}") from None
+    try:
+        check_values(TrainConfig(**{**PRESETS["cpu"], **training}))
+    except ConfigError as e:
+        raise ValueError(f"{name}: {e}") from None
+    found = ARMS[base]
+    if training and found.reference:
+        raise ValueError(f"{name}: the package's own Unet trains with the preset's recipe only")
+    return Arm(found.description + "".join(f", {k} {v}" for k, v in training.items()), found.options, found.reference, training)
 
 
 def config(seed: int, steps: int):
@@ -109,7 +144,7 @@ def train_and_score(arm: Arm, seed: int, sampling_seeds: Sequence[int], *, steps
     from examples.diffusion.training import (draw_micro_batch, initial_train_state, make_generators, make_grad_fn,
                                              make_loss_fn, train_step, update_ema)
 
-    cfg = config(seed, steps)
+    cfg = config(seed, steps).replace(**arm.training)
     device = torch.device("cpu")
     _, net, diffusion = build_model(cfg.replace(layout="classic"), None if arm.reference else arm.options)
     gens = make_generators(cfg.seed, data.shape[0], cfg.batch_size, device)
@@ -216,7 +251,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ARMS.update(_arms())
     p = argparse.ArgumentParser(prog="python -m benchmarks.diffusion_quality", description=__doc__.split("\n\n")[0],
                                 allow_abbrev=False)
-    p.add_argument("--arms", default="classic,modern,ddpm", help=f"comma-separated, from: {', '.join(ARMS)}")
+    p.add_argument("--arms", default="classic,modern,ddpm", help=f"comma-separated, from: {', '.join(ARMS)}; "
+                   f"an @FIELD=VALUE suffix (several allowed) changes the training recipe, FIELD one of {', '.join(RECIPE_FIELDS)}")
     p.add_argument("--train-seeds", type=_ints, default=[0, 1, 2], help="training seeds (default 0,1,2)")
     p.add_argument("--sampling-seeds", type=_ints, default=[0, 1, 2], help="sampling seeds per trained network (default 0,1,2)")
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default: the CPU preset's 1500)")
@@ -232,9 +268,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(table(args.table))
         return 0
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown or not arms:
-        p.error(f"--arms: unknown {unknown}; choose from {', '.join(ARMS)}")
+    if not arms:
+        p.error(f"--arms: give at least one of {', '.join(ARMS)}")
+    chosen = {}
+    for name in arms:
+        try:
+            chosen[name] = arm(name)
+        except ValueError as e:
+            p.error(f"--arms: {e}")
     for name in ("steps", "threads", "sampling_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
@@ -244,7 +285,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f"--sampling-steps must be below the 1000 training timesteps (DDIM), got {args.sampling_steps}")
     if not args.train_seeds or not args.sampling_seeds or min(args.train_seeds + args.sampling_seeds) < 0:
         p.error("--train-seeds and --sampling-seeds must be non-empty lists of non-negative integers")
-    if "ddpm" in arms:
+    if any(a.reference for a in chosen.values()):
         from benchmarks.reference_unet import ReferenceUnavailable, version
 
         try:
@@ -274,10 +315,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 judge, accuracy = train_judge(cfg.image_size, cfg.channels, "cpu", steps=JUDGE_STEPS)
                 print(f"judge trained (accuracy {accuracy:.3f})")
             print(f"{name}, training seed {seed}:", flush=True)
-            result = train_and_score(ARMS[name], seed, args.sampling_seeds, steps=args.steps, judge=judge, data=data,
+            result = train_and_score(chosen[name], seed, args.sampling_seeds, steps=args.steps, judge=judge, data=data,
                                      reference_path=args.reference, samples=args.samples, sampling_steps=args.sampling_steps,
                                      log=lambda s: print(s, flush=True))
-            if ARMS[name].reference:
+            if chosen[name].reference:
                 result["reference_version"] = ddpm_version
             tmp = target.with_suffix(".tmp")
             tmp.write_text(json.dumps(result, indent=1))

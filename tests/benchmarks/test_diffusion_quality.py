@@ -50,8 +50,11 @@ def test_a_result_of_another_budget_or_a_broken_file_is_refused_naming_it(tmp_pa
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--arms", "classic,newest"], "--arms: unknown ['newest']"),
-    (["--arms", ""], "--arms: unknown []"),
+    (["--arms", "classic,newest"], "--arms: unknown arm 'newest'"),
+    (["--arms", "classic@steps=3"], "--arms: classic@steps=3: 'steps=3' is not FIELD=VALUE"),
+    (["--arms", "classic@lr=x"], "--arms: classic@lr=x: lr must be a float, got 'x'"),
+    (["--arms", "classic@objective=pred_y"], "--arms: classic@objective=pred_y: --objective must be one of"),
+    (["--arms", ""], "--arms: give at least one of"),
     (["--steps", "0"], "--steps must be a positive integer, got 0"),
     (["--samples", "1"], "--samples must be at least 2"),
     (["--sampling-steps", "1000"], "--sampling-steps must be below the 1000 training timesteps"),
