@@ -20,7 +20,7 @@ import types
 import zipfile
 from typing import Optional, Union
 
-__all__ = ["ReferenceUnavailable", "package_folder", "load_model_code", "version"]
+__all__ = ["ReferenceUnavailable", "package_folder", "load_model_code", "load_diffusion_code", "version"]
 
 PACKAGE = "denoising_diffusion_pytorch"
 # Imports of the package's module that its model code does not use (data, training, FID, type checks).
@@ -80,14 +80,24 @@ def load_model_code(where: Union[str, pathlib.Path, None] = None) -> types.Modul
 
     :class:`ReferenceUnavailable` when the package or einops (which its model code uses) is missing.
     """
+    return _load(where, whole=False)
+
+
+def load_diffusion_code(where: Union[str, pathlib.Path, None] = None) -> types.ModuleType:
+    """The package's whole ``denoising_diffusion_pytorch`` module, its ``GaussianDiffusion`` included, without
+    the imports only its ``Dataset`` and ``Trainer`` use (calling those fails; ``tqdm`` is a pass-through)."""
+    return _load(where, whole=True)
+
+
+def _load(where: Union[str, pathlib.Path, None], whole: bool) -> types.ModuleType:
     folder = package_folder(where)
     if importlib.util.find_spec("einops") is None:
         raise ReferenceUnavailable(f"{PACKAGE}'s model code needs einops: pip install einops")
     source_file = folder / f"{PACKAGE}.py"
     source = source_file.read_text()
-    model_code = source.split("def extract(a, t, x_shape):")[0]
+    model_code = source if whole else source.split("def extract(a, t, x_shape):")[0]
     model_code = "\n".join(line for line in model_code.splitlines() if not line.startswith(UNUSED_IMPORTS))
-    namespace = {}
+    namespace: dict = {"tqdm": lambda iterable, *args, **kwargs: iterable, "__version__": version(folder)} if whole else {}
     attend_file = folder / "attend.py"
     if f"from {PACKAGE}.attend import Attend" in source:
         namespace["Attend"] = _exec(f"{PACKAGE}_attend", attend_file.read_text(), str(attend_file)).Attend

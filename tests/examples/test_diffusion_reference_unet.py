@@ -101,3 +101,30 @@ def test_the_modern_layout_equals_the_release_2_unet_in_parameters_output_and_gr
     got, _ = net(params, state, x, t, training=True)
     torch.testing.assert_close(got, theirs(x, t), rtol=1e-5, atol=1e-5)
     assert_same_gradients(theirs, net, params, state, x, t, {n: names[n] for n, _ in theirs.named_parameters()})
+
+
+def test_the_release_2_diffusion_process_gives_the_main_jobs_loss_and_ddim_samples():
+    """The package's own ``GaussianDiffusion`` (cosine schedule, noise prediction, DDIM with eta 1) and the main
+    job's: the same training loss on the same batch, times and noise, and the same samples from the same draws."""
+    reference_model_code("modern")                   # skips unless a 2.x release is installed
+    from benchmarks.reference_unet import load_diffusion_code
+    from examples.diffusion.gaussian_diffusion import GaussianDiffusion
+    from examples.diffusion.schedules import cosine_beta_schedule
+
+    code = load_diffusion_code()
+    torch.manual_seed(0)
+    unet = code.Unet(dim=8, dim_mults=(1, 2), channels=3, attn_heads=2, attn_dim_head=8)
+    theirs = code.GaussianDiffusion(unet, image_size=8, timesteps=1000, sampling_timesteps=10, objective="pred_noise",
+                                    beta_schedule="cosine", ddim_sampling_eta=1.0)
+    ours = GaussianDiffusion(cosine_beta_schedule(1000), objective="pred_noise")
+    model = lambda x, t, sc: unet(x, t, sc)
+    g = torch.Generator().manual_seed(1)
+    x0, noise, t = torch.rand(6, 3, 8, 8, generator=g) * 2 - 1, torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 1000, (6,), generator=g)
+    torch.testing.assert_close(ours.training_loss(model, x0, t, noise), theirs.p_losses(x0, t, noise=noise), rtol=1e-5, atol=1e-6)
+
+    with torch.no_grad():
+        torch.manual_seed(7)                          # the package draws from the global generator, in the same order
+        expected = theirs.ddim_sample((4, 3, 8, 8))
+        got = ours.sample(model, (4, 3, 8, 8), torch.Generator().manual_seed(7), sampling_timesteps=10, eta=1.0)
+    # the step coefficients come from the float64 schedule here, from float32 buffers there: 1e-4-level differences
+    torch.testing.assert_close(got, expected, rtol=0, atol=5e-4)
