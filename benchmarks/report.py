@@ -29,6 +29,7 @@ SECTION_TITLES = {
     "call_overhead": "7. The cost of a call: a deep model of tiny layers",
     "distributed": "8. Data parallel: the main job's step on 1 and 2 processes (torchrun, gloo)",
     "adapters": "9. Adapters: one training step of N LoRA adapters on one frozen base",
+    "reference_diffusion": "10. The main job against denoising-diffusion-pytorch: one training step",
 }
 
 
@@ -182,7 +183,30 @@ def goals(rows: Sequence[Row], device: str) -> list[Goal]:
     else:
         out.append(Goal("pfunc compiles without graph breaks in pfunc code", "not measured", ""))
     out.append(_unet_goal(rows))
+    out.append(_power_goal(rows))
+    out.append(_reference_diffusion_goal(rows))
     return out
+
+
+def _power_goal(rows: Sequence[Row]) -> Goal:
+    """Item 4: the vmapped call within 1.05x of the fastest of pfunc's loop of ``mv`` and the hand-batched products."""
+    text = "vmapped power iteration at most 1.05x the fastest of {loop of mv, batched product} (item 4: pfunc vmap / fastest)"
+    pairs = []
+    for r in _rows(rows, "power_iteration"):
+        rivals = [v for v in ("pfunc loop", "floor", "floor rows") if v in r.comparison.variants]
+        fastest = min(r.timing.medians[v] for v in rivals)
+        pairs.append((r, r.timing.medians["pfunc vmap"] / fastest))
+    return Goal(text, *_tally(pairs, lambda x: x <= 1.05))
+
+
+def _reference_diffusion_goal(rows: Sequence[Row]) -> Goal:
+    """Item 10: the main job's step at least as fast as denoising-diffusion-pytorch's, in both layouts."""
+    text = "the main job's step at least as fast as denoising-diffusion-pytorch's (item 10: pfunc / ddpm <= 1.00)"
+    pairs = [(r, r.ratio(v, "ddpm")) for r in _rows(rows, "reference_diffusion") for v in ("pfunc modern", "pfunc classic")]
+    status, evidence = _tally(pairs, lambda x: x <= 1.0)
+    if pairs:
+        evidence += "; " + ", ".join(f"{v} {r.ratio(v, 'ddpm'):.2f}" for r, _ in pairs[:1] for v in ("pfunc modern", "pfunc classic"))
+    return Goal(text, status, evidence)
 
 
 def _ensemble_grad_goal(rows: Sequence[Row]) -> Goal:
