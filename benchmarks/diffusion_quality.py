@@ -108,8 +108,6 @@ def arm(name: str) -> Arm:
     except ConfigError as e:
         raise ValueError(f"{name}: {e}") from None
     found = ARMS[base]
-    if training and found.reference:
-        raise ValueError(f"{name}: the package's own Unet trains with the preset's recipe only")
     return Arm(found.description + "".join(f", {k} {v}" for k, v in training.items()), found.options, found.reference, training)
 
 
