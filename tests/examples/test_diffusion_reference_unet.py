@@ -105,7 +105,8 @@ def test_the_modern_layout_equals_the_release_2_unet_in_parameters_output_and_gr
 
 def test_the_release_2_diffusion_process_gives_the_main_jobs_loss_and_ddim_samples():
     """The package's own ``GaussianDiffusion`` (cosine schedule; DDIM with eta 1) and the main job's: the same
-    training loss on the same batch, times and noise for each objective, and the same samples from the same draws."""
+    training loss on the same batch, times and noise (for pred_v and pred_x0 before the package's per-sample weights),
+    and the same samples from the same draws."""
     reference_model_code("modern")                   # skips unless a 2.x release is installed
     from benchmarks.reference_unet import load_diffusion_code
     from examples.diffusion.gaussian_diffusion import GaussianDiffusion
@@ -121,11 +122,13 @@ def test_the_release_2_diffusion_process_gives_the_main_jobs_loss_and_ddim_sampl
     g = torch.Generator().manual_seed(1)
     x0, noise, t = torch.rand(6, 3, 8, 8, generator=g) * 2 - 1, torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 1000, (6,), generator=g)
     torch.testing.assert_close(ours.training_loss(model, x0, t, noise), theirs.p_losses(x0, t, noise=noise), rtol=1e-5, atol=1e-6)
+    # The other objectives: the main job's loss is the plain MSE of the objective's target; the package weights it
+    # per sample (pred_v by snr / (snr + 1), pred_x0 by snr), which makes each equal to the noise-prediction MSE
     for objective in ("pred_v", "pred_x0"):
         theirs_other = code.GaussianDiffusion(unet, image_size=8, timesteps=1000, objective=objective, beta_schedule="cosine")
         ours_other = GaussianDiffusion(cosine_beta_schedule(1000), objective=objective)
-        torch.testing.assert_close(ours_other.training_loss(model, x0, t, noise), theirs_other.p_losses(x0, t, noise=noise),
-                                   rtol=1e-5, atol=1e-6, msg=objective)
+        unweighted = theirs_other.p_losses(x0, t, noise=noise, loss_reduction="none") / theirs_other.loss_weight[t]
+        torch.testing.assert_close(ours_other.training_loss(model, x0, t, noise), unweighted.mean(), rtol=1e-5, atol=1e-6, msg=objective)
 
     with torch.no_grad():
         torch.manual_seed(7)                          # the package draws from the global generator, in the same order
