@@ -12,7 +12,8 @@ the whole run).
 Arms: the main job's Unet in the ``classic`` layout (denoising-diffusion-pytorch up to 1.5) and the
 ``modern`` one (2.x), one component of the modern layout at a time added to the classic one, and
 the package's own ``Unet`` (``ddpm``: the release found by :mod:`benchmarks.reference_unet`),
-trained the stateful way (``loss.backward()`` on its module). The main job's arms train
+trained the stateful way with its own ``GaussianDiffusion``'s loss (``loss.backward()`` on its module; for
+``pred_noise`` that loss equals the main job's, for ``pred_v`` and ``pred_x0`` the package weights it per sample). The main job's arms train
 functionally, exactly as ``python -m examples.diffusion.train`` does.
 
     python -m benchmarks.diffusion_quality --arms classic,modern,ddpm --train-seeds 0,1,2 --out results/quality
@@ -118,17 +119,22 @@ def config(seed: int, steps: int):
     return TrainConfig(**{**PRESETS["cpu"], "seed": seed, "steps": steps})
 
 
-def _reference_module(cfg, reference_path: Optional[str]) -> nn.Module:
-    from benchmarks.reference_unet import load_model_code
+def _reference(cfg, reference_path: Optional[str]) -> tuple[nn.Module, Callable[[Tensor, Tensor, Tensor], Tensor]]:
+    """The package's ``Unet`` (built from ``cfg.seed``: the modern layout's weights, value for value) and its own
+    training loss ``loss(x0, t, noise)``: its ``GaussianDiffusion.p_losses`` with the run's schedule and objective."""
+    from benchmarks.reference_unet import load_diffusion_code
 
-    code = load_model_code(reference_path)
+    code = load_diffusion_code(reference_path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         kwargs = dict(dim=cfg.dim, dim_mults=cfg.dim_mults, channels=cfg.channels)
         try:
-            return code.Unet(**kwargs, attn_heads=cfg.attn_heads, attn_dim_head=cfg.attn_dim_head)
+            module = code.Unet(**kwargs, attn_heads=cfg.attn_heads, attn_dim_head=cfg.attn_dim_head)
         except TypeError:  # releases before 1.6 have fixed attention sizes (4 heads of 32)
-            return code.Unet(**kwargs, resnet_block_groups=cfg.resnet_block_groups)
+            module = code.Unet(**kwargs, resnet_block_groups=cfg.resnet_block_groups)
+    process = code.GaussianDiffusion(module, image_size=cfg.image_size, timesteps=cfg.timesteps, objective=cfg.objective,
+                                     beta_schedule=cfg.beta_schedule)
+    return module, lambda x0, t, noise: process.p_losses(x0, t, noise=noise)
 
 
 def train_and_score(arm: Arm, seed: int, sampling_seeds: Sequence[int], *, steps: int, judge, data: Tensor,
@@ -149,13 +155,13 @@ def train_and_score(arm: Arm, seed: int, sampling_seeds: Sequence[int], *, steps
     losses: list[float] = []
     started = time.process_time()
     if arm.reference:
-        module = _reference_module(cfg, reference_path)
+        module, reference_loss = _reference(cfg, reference_path)
         params = dict(module.named_parameters())
         ema = {k: v.detach().clone() for k, v in params.items()}
         optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
         for step in range(1, steps + 1):
             mb = draw_micro_batch(data, gens, diffusion, False, device)
-            loss = diffusion.training_loss(lambda x, t, sc: module(x, t, sc), mb.x0, mb.t, mb.noise, False)
+            loss = reference_loss(mb.x0, mb.t, mb.noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
