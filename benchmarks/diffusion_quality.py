@@ -150,7 +150,7 @@ def train_and_score(arm: Arm, seed: int, sampling_seeds: Sequence[int], *, steps
 
     cfg = config(seed, steps).replace(**arm.training)
     device = torch.device("cpu")
-    _, net, diffusion = build_model(cfg.replace(layout="classic"), None if arm.reference else arm.options)
+    _, net, diffusion = build_model(cfg.replace(layout="classic", weight_standardization=True), None if arm.reference else arm.options)
     gens = make_generators(cfg.seed, data.shape[0], cfg.batch_size, device)
     losses: list[float] = []
     started = time.process_time()

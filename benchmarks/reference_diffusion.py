@@ -2,13 +2,13 @@
 
 The main job's CPU preset (``examples/diffusion``: dim 16, mults 1,2,4, 2 attention heads of 16,
 16x16 RGB images, batch 64; the GPU sizes: dim 64, mults 1,2,4,8, 32x32, batch 128, 4 heads of 32)
-and its step: the noise-prediction loss of ``GaussianDiffusion.training_loss`` (cosine schedule, 1000
-steps) on fixed images, times and noise, the gradient, clipping at norm 1, AdamW (lr 2e-3, betas
+and its step: the noise-prediction loss (cosine schedule, 1000 steps; the objective changes no cost) on
+fixed images, times and noise, the gradient, clipping at norm 1, AdamW (lr 2e-3, betas
 0.9/0.99) and the EMA update.
 
-* ``ddpm``: denoising-diffusion-pytorch's ``Unet`` (the installed release, 2.3.4 from the
-  ``benchmarks`` extra; its model code read by :mod:`benchmarks.reference_unet`), trained the
-  stateful way: ``loss.backward()`` on its module;
+* ``ddpm``: denoising-diffusion-pytorch's ``Unet`` and ``GaussianDiffusion`` (the installed release,
+  2.3.4 from the ``benchmarks`` extra; its code read by :mod:`benchmarks.reference_unet`), trained the
+  stateful way: its ``p_losses``, ``loss.backward()`` on its module;
 * ``pfunc modern``: the main job's step (:func:`examples.diffusion.training.train_step`, the gradient
   from :func:`pfunc.grad_and_value`) on its Unet in the ``modern`` layout, built from the same seed:
   the same network with the same weights, checked to give the same loss;
@@ -55,7 +55,9 @@ def _config(device: torch.device):
     from examples.diffusion.config import PRESETS, TrainConfig
 
     preset = PRESETS["cpu" if device.type == "cpu" else "gpu"]
-    return TrainConfig(**{**preset, "seed": SEED, "bf16": False, "compile": False})
+    # noise prediction: the one objective whose loss the package and the main job define alike (checked equal);
+    # the objective changes no cost, only what the same network's output is compared with
+    return TrainConfig(**{**preset, "seed": SEED, "bf16": False, "compile": False, "objective": "pred_noise"})
 
 
 def _batch(cfg, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -67,9 +69,10 @@ def _batch(cfg, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
 
 def _pfunc_step(cfg, layout: str, device: torch.device, x0: Tensor, t: Tensor, noise: Tensor) -> Callable[[], Tensor]:
     from examples.diffusion.model import build_model
+    from examples.diffusion.unet import LAYOUTS
     from examples.diffusion.training import MicroBatch, initial_train_state, make_grad_fn, make_loss_fn, train_step
 
-    _, net, diffusion = build_model(cfg.replace(layout=layout))
+    _, net, diffusion = build_model(cfg.replace(layout=layout, weight_standardization=LAYOUTS[layout]["weight_standardization"]))
     diffusion = diffusion.to(device)
     ts = initial_train_state(net, cfg.seed, device, cfg.lr, cfg.weight_decay)
     grad_fn = make_grad_fn(make_loss_fn(net, diffusion))
@@ -83,25 +86,24 @@ def _pfunc_step(cfg, layout: str, device: torch.device, x0: Tensor, t: Tensor, n
 
 
 def _reference_step(cfg, device: torch.device, x0: Tensor, t: Tensor, noise: Tensor) -> Callable[[], Tensor]:
-    from examples.diffusion.model import build_model
     from examples.diffusion.training import ADAMW_BETAS, update_ema
 
-    from .reference_unet import load_model_code
+    from .reference_unet import load_diffusion_code
 
-    code = load_model_code()
+    code = load_diffusion_code()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)       # as build_model: the modern layout's weights, value for value
         module: nn.Module = code.Unet(dim=cfg.dim, dim_mults=cfg.dim_mults, channels=cfg.channels,
                                       attn_heads=cfg.attn_heads, attn_dim_head=cfg.attn_dim_head).to(device)
-    _, _, diffusion = build_model(cfg)
-    diffusion = diffusion.to(device)
+    process = code.GaussianDiffusion(module, image_size=cfg.image_size, timesteps=cfg.timesteps, objective=cfg.objective,
+                                     beta_schedule=cfg.beta_schedule).to(device)
     params = dict(module.named_parameters())
     ema = {k: v.detach().clone() for k, v in params.items()}
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=ADAMW_BETAS, weight_decay=cfg.weight_decay)
     state = {"step": 0}
 
     def step() -> Tensor:
-        loss = diffusion.training_loss(lambda x, time, sc: module(x, time, sc), x0, t, noise, False)
+        loss = process.p_losses(x0, t, noise=noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
         optimizer.step()

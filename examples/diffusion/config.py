@@ -57,6 +57,7 @@ class TrainConfig:
     random_fourier_features: bool
     learned_sinusoidal_dim: int
     layout: str
+    weight_standardization: bool
     # diffusion
     timesteps: int
     beta_schedule: str
@@ -115,7 +116,7 @@ class TrainConfig:
 
 
 # Fields added after the first release, with the value that a config written before them meant.
-ADDED_FIELDS = {"layout": "classic"}
+ADDED_FIELDS = {"layout": "classic", "weight_standardization": True}
 
 # What a resumed run may change; every other field must match the checkpoint.
 RUN_OPTIONS = frozenset(
@@ -130,6 +131,7 @@ _COMMON = dict(
     random_fourier_features=False,
     learned_sinusoidal_dim=16,
     layout="classic",
+    weight_standardization=True,
     timesteps=1000,
     beta_schedule="cosine",
     objective="pred_noise",
@@ -200,7 +202,8 @@ def flag(name: str) -> str:
 _INT_FIELDS = ("dim", "channels", "image_size", "resnet_block_groups", "attn_heads", "attn_dim_head", "timesteps",
                "train_size", "batch_size", "grad_accum", "ema_every", "steps", "checkpoint_every", "sampling_steps",
                "num_samples", "log_every", "learned_sinusoidal_dim")
-_BOOL_FIELDS = ("self_condition", "learned_variance", "learned_sinusoidal_cond", "random_fourier_features", "bf16", "compile")
+_BOOL_FIELDS = ("self_condition", "learned_variance", "learned_sinusoidal_cond", "random_fourier_features", "bf16", "compile",
+                "weight_standardization")
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes [0, 2**64); the run uses seed + 1 ... seed + 4
 
 

@@ -40,10 +40,10 @@ __all__ = ["build_model", "sample_images", "sampling_calls"]
 def build_model(cfg: TrainConfig, layout_options: Optional[Mapping[str, Any]] = None) -> tuple[Unet, pf.Parametrized, GaussianDiffusion]:
     """``(unet, net, diffusion)``: the Unet (initialised from ``cfg.seed``), its pfunc parametrization, the process.
 
-    The Unet has the layout ``cfg.layout`` (:data:`~.unet.LAYOUTS`), with any of its entries replaced by
-    ``layout_options`` (an ablation: e.g. ``{"num_mem_kv": 4}``).
+    The Unet has the layout ``cfg.layout`` (:data:`~.unet.LAYOUTS`), its Block convs weight-standardized when
+    ``cfg.weight_standardization``; ``layout_options`` replaces any of these (an ablation: ``{"num_mem_kv": 4}``).
     """
-    options = {**LAYOUTS[cfg.layout], **(layout_options or {})}
+    options = {**LAYOUTS[cfg.layout], "weight_standardization": cfg.weight_standardization, **(layout_options or {})}
     unknown = sorted(set(options) - set(LAYOUTS[cfg.layout]))
     if unknown:
         raise ValueError(f"build_model: layout_options has unknown entries {unknown}; known: {sorted(LAYOUTS[cfg.layout])}")

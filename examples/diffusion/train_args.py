@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="'classic': GroupNorm + weight standardization (a pfunc parametrization) in every Block, "
                        "LayerNorm before attention (denoising-diffusion-pytorch up to 1.5); 'modern': RMSNorm, learned "
                        "memory key/values, full attention at the innermost level (its 2.x releases)" + _preset_note("layout"))
+    model.add_argument("--weight-standardization", action=argparse.BooleanOptionalAction, default=None,
+                       help="standardize every Block conv's weight per output channel, a pfunc parametrization (the "
+                       "classic layout's WeightStandardizedConv2d)" + _preset_note("weight_standardization"))
     model.add_argument("--resnet-block-groups", type=int, help="GroupNorm groups in every Block (classic layout)"
                        + _preset_note("resnet_block_groups"))
     model.add_argument("--attn-heads", type=int, help="heads of every attention layer" + _preset_note("attn_heads"))

@@ -100,8 +100,9 @@ def test_config_differences_name_each_field_and_ignore_run_options():
 
 
 def test_a_config_written_before_the_layout_flag_is_the_classic_layout():
-    old = {k: v for k, v in TrainConfig(**{**PRESETS["cpu"], "layout": "classic"}).to_dict().items() if k != "layout"}
-    assert TrainConfig.from_dict(old).layout == "classic"
+    new = TrainConfig(**{**PRESETS["cpu"], "layout": "classic", "weight_standardization": True}).to_dict()
+    old = {k: v for k, v in new.items() if k not in ("layout", "weight_standardization")}
+    assert TrainConfig.from_dict(old).layout == "classic" and TrainConfig.from_dict(old).weight_standardization
     assert config_differences(old, {**old, "layout": "classic"}) == []
     assert config_differences(old, {**old, "layout": "modern"}) == ["--layout: checkpoint 'classic', now 'modern'"]
 

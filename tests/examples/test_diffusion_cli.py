@@ -206,7 +206,7 @@ def test_a_checkpoint_from_before_the_layout_flag_resumes_in_the_classic_layout_
     assert main([*TINY, "--layout", "classic", "--steps", "2", "--results-dir", str(tmp_path / "runs")]) == 0
     (run,) = list((tmp_path / "runs").iterdir())
     ckpt = load_checkpoint(run / "checkpoint.pt")
-    del ckpt["config"]["layout"]                      # as written before --layout existed
+    del ckpt["config"]["layout"], ckpt["config"]["weight_standardization"]   # as written before the flags existed
     save_checkpoint(run / "checkpoint.pt", ckpt)
     with pytest.raises(SystemExit) as e:
         main(["--resume", str(run), "--layout", "modern", "--steps", "3"])
@@ -216,14 +216,15 @@ def test_a_checkpoint_from_before_the_layout_flag_resumes_in_the_classic_layout_
     assert metrics["step"] == 3 and metrics["config"]["layout"] == "classic"
 
 
-def test_both_layouts_train_and_the_modern_one_needs_no_group_count(tmp_path):
-    for layout, extra in (("modern", ["--resnet-block-groups", "3"]), ("classic", [])):
-        root = tmp_path / layout
-        assert main([*TINY, "--layout", layout, *extra, "--steps", "2", "--results-dir", str(root)]) == 0
+def test_both_layouts_train_with_or_without_weight_standardization_and_the_modern_one_needs_no_group_count(tmp_path):
+    for layout, standardize, extra in (("modern", False, ["--resnet-block-groups", "3"]), ("modern", True, []), ("classic", True, [])):
+        root = tmp_path / f"{layout}-{standardize}"
+        flag = "--weight-standardization" if standardize else "--no-weight-standardization"
+        assert main([*TINY, "--layout", layout, flag, *extra, "--steps", "2", "--results-dir", str(root)]) == 0
         (run,) = list(root.iterdir())
         params = load_checkpoint(run / "checkpoint.pt")["params"]
         assert any(k.endswith("mem_kv") for k in params) == (layout == "modern")
-        assert any("parametrizations" in k for k in params) == (layout == "classic")
+        assert any("parametrizations" in k for k in params) == standardize
 
 
 def test_resume_from_a_checkpoint_of_another_model_is_refused(finished_run, capsys, tmp_path):
