@@ -12,8 +12,11 @@ fixed images, times and noise, the gradient, clipping at norm 1, AdamW (lr 2e-3,
 * ``pfunc modern``: the main job's step (:func:`examples.diffusion.training.train_step`, the gradient
   from :func:`pfunc.grad_and_value`) on its Unet in the ``modern`` layout, built from the same seed:
   the same network with the same weights, checked to give the same loss;
-* ``pfunc classic``: the same step on the ``classic`` layout (GroupNorm, weight standardization as a
-  pfunc parametrization): another network, timed beside the others, not compared.
+* ``pfunc default``: the same step on the preset's own network (where it is not the modern layout
+  itself: with weight standardization, a pfunc parametrization, on the Block convs), timed beside the
+  others, not compared;
+* ``pfunc classic``: the same step on the ``classic`` layout (GroupNorm, weight standardization):
+  another network, timed beside the others, not compared.
 
 Reported: images/s (batch / median step time) and the peak of live tensor bytes of one step
 (``peak MB``, as item 6). Sample quality is a separate, longer command:
@@ -67,12 +70,11 @@ def _batch(cfg, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
             torch.randn(shape, generator=g).to(device))
 
 
-def _pfunc_step(cfg, layout: str, device: torch.device, x0: Tensor, t: Tensor, noise: Tensor) -> Callable[[], Tensor]:
+def _pfunc_step(cfg, device: torch.device, x0: Tensor, t: Tensor, noise: Tensor) -> Callable[[], Tensor]:
     from examples.diffusion.model import build_model
-    from examples.diffusion.unet import LAYOUTS
     from examples.diffusion.training import MicroBatch, initial_train_state, make_grad_fn, make_loss_fn, train_step
 
-    _, net, diffusion = build_model(cfg.replace(layout=layout, weight_standardization=LAYOUTS[layout]["weight_standardization"]))
+    _, net, diffusion = build_model(cfg)
     diffusion = diffusion.to(device)
     ts = initial_train_state(net, cfg.seed, device, cfg.lr, cfg.weight_decay)
     grad_fn = make_grad_fn(make_loss_fn(net, diffusion))
@@ -122,11 +124,19 @@ def comparisons(sizes: Sizes, device: torch.device | str = "cpu") -> Iterator[Co
         return
     cfg = _config(device)
     x0, t, noise = _batch(cfg, device)
+    from examples.diffusion.unet import LAYOUTS
+
+    def layout(name: str):
+        return cfg.replace(layout=name, weight_standardization=LAYOUTS[name]["weight_standardization"])
+
     run = {
         "ddpm": _reference_step(cfg, device, x0, t, noise),
-        "pfunc modern": _pfunc_step(cfg, "modern", device, x0, t, noise),
-        "pfunc classic": _pfunc_step(cfg, "classic", device, x0, t, noise),
+        "pfunc modern": _pfunc_step(layout("modern"), device, x0, t, noise),
+        "pfunc default": _pfunc_step(cfg, device, x0, t, noise),
+        "pfunc classic": _pfunc_step(layout("classic"), device, x0, t, noise),
     }
+    if cfg == layout("modern"):
+        del run["pfunc default"]                    # the preset is the modern layout itself
 
     def after(timing: Optional[Timing]) -> dict[str, str]:
         extras = {}
@@ -142,10 +152,9 @@ def comparisons(sizes: Sizes, device: torch.device | str = "cpu") -> Iterator[Co
         family=FAMILY_NAME,
         labels={"model": f"Unet dim {cfg.dim}, mults {','.join(map(str, cfg.dim_mults))}, {cfg.image_size}x{cfg.image_size}, "
                          f"batch {cfg.batch_size}", "reference": f"denoising-diffusion-pytorch {version()}"},
-        variants={"ddpm": Variant(run["ddpm"]), "pfunc modern": Variant(run["pfunc modern"]),
-                  "pfunc classic": Variant(run["pfunc classic"], checked=False)},
+        variants={name: Variant(step, checked=name in ("ddpm", "pfunc modern")) for name, step in run.items()},
         reference="ddpm",
-        ratios=(("pfunc modern", "ddpm"), ("pfunc classic", "ddpm")),
+        ratios=tuple((name, "ddpm") for name in run if name != "ddpm"),
         rtol=1e-4,
         atol=1e-5,
         sync=synchronizer(device),
