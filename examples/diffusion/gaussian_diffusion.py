@@ -277,6 +277,13 @@ class GaussianDiffusion:
     ) -> Tensor:
         """The mean training loss on a batch (``p_losses`` of denoising-diffusion-pytorch, L2 loss).
 
+        The loss is the plain mean squared error of the objective's target, for every objective.
+        denoising-diffusion-pytorch weights each sample's error for ``pred_v`` by ``snr / (snr + 1)``
+        and for ``pred_x0`` by ``snr``, which turns both into the noise-prediction loss in another
+        parametrization; unweighted, ``pred_v`` puts more weight on the noisiest times (``1 / abar_t``
+        relative to noise prediction), where the shapes are decided: on the main job's shapes it gave
+        half the FCD of noise prediction (``examples/diffusion/README.md``, "Which layout and objective").
+
         ``t`` and ``noise`` are drawn by the caller (explicit randomness). With
         ``use_self_condition`` (the caller's coin flip, half the time as in Chen et al.'s self-conditioning) the
         model first sees ``x_t`` alone and its detached ``x_0`` estimate, clipped to

@@ -54,7 +54,7 @@ def _fails(argv, capsys, tmp_path, code=2):
         (["--channels", "2"], "--channels must be 1 or 3"),
         (["--ddim-eta", "2"], "--ddim-eta must be in [0, 1]"),
         (["--timesteps", "20", "--beta-schedule", "linear", "--sampling-steps", "5"], "--timesteps must be above 20"),
-        (["--resnet-block-groups", "3"], "--resnet-block-groups 3 must divide every level width"),
+        (["--layout", "classic", "--resnet-block-groups", "3"], "--resnet-block-groups 3 must divide every level width"),
         (["--batch-size", "64"], "--batch-size 64 is larger than --train-size 32"),
         (["--epochs", "-1"], "--epochs must be a positive, finite number, got -1.0"),
         (["--epochs", "nan"], "--epochs must be a positive, finite number, got nan"),
@@ -195,10 +195,10 @@ def test_tiny_run_writes_every_output(finished_run):
 
 def test_resume_with_a_different_model_flag_names_every_difference(finished_run, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
-        main(["--resume", str(finished_run), "--dim", "16", "--objective", "pred_v", "--steps", "4"])
+        main(["--resume", str(finished_run), "--dim", "16", "--objective", "pred_noise", "--steps", "4"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "--dim: checkpoint 8, now 16" in err and "--objective: checkpoint 'pred_noise', now 'pred_v'" in err
+    assert "--dim: checkpoint 8, now 16" in err and "--objective: checkpoint 'pred_v', now 'pred_noise'" in err
     assert "--steps" not in err.split("differs")[-1]  # a run option may change
 
 

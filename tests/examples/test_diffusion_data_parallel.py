@@ -122,26 +122,31 @@ def wait_for_steps(root: Path, proc: subprocess.Popen, n: int, timeout: float = 
 
 
 def assert_follows(reference: Path, run: Path, *, steps: int = STEPS) -> None:
-    """``run``'s per-step losses equal ``reference``'s to 1e-5, compare_runs calls it the same run (up to float32
-    summation order at most), and its final weights are within 1e-4 of the reference's.
+    """``run`` follows ``reference`` step for step up to float32 summation order: its first
+    :data:`~examples.diffusion.compare_runs.START_STEPS` losses within 1e-5 of the reference's, every later one
+    within 1e-3, compare_runs calls it the same run, and its final weights are within 1e-3.
 
-    The weights' drift depends on the CPU's vector paths: 4.1e-7 at most on the Intel Xeon the README's figures
-    come from, 1.009e-5 in one weight on the AMD EPYC of 2026-12-06 (the same code, e076242) -- past the 1e-5 this
-    test once used, which is why compare_runs tells summation-order drift from a different run by the first steps."""
+    How far summation-order drift grows depends on the model and the CPU's vector paths: 4.1e-7 in the weights
+    at most on the Intel Xeon the README's figures come from with the classic layout, 1.009e-5 in one weight on
+    the AMD EPYC of 2026-12-06; with the modern layout and v prediction (the default since), the losses drift
+    apart by 4.7e-6 at the first steps and 1.3e-4 by step 16, the weights by 2e-4, as AdamW amplifies the
+    rounding of parameters with near-zero gradients. A different run (another seed, batch order or data) is
+    1e-3 and more apart from step 1, which the first steps' bound tells apart."""
     want, got = read_losses(reference / "losses.jsonl"), read_losses(run / "losses.jsonl")
     assert [s for s, _ in got] == list(range(1, steps + 1))  # every step once
-    for (_, a), (_, b) in zip(want, got):
-        assert abs(a - b) <= 1e-5 * abs(a), (a, b)
+    for (step, a), (_, b) in zip(want, got):
+        bound = compare_runs.START_RTOL if step <= compare_runs.START_STEPS else 1e-3
+        assert abs(a - b) <= bound * abs(a), (step, a, b)
     a, b = load_checkpoint(reference / "checkpoint.pt"), load_checkpoint(run / "checkpoint.pt")
     assert a["step"] == b["step"] == steps
     for key in ("params", "ema"):
         for k in a[key]:
-            torch.testing.assert_close(b[key][k], a[key][k], rtol=0, atol=1e-4)
+            torch.testing.assert_close(b[key][k], a[key][k], rtol=0, atol=1e-3)
     weights = compare_runs.weight_differences(a, b)
     assert compare_runs.verdict(a["config"], b["config"], compare_runs.loss_differences(reference, run), weights, 1e-5, 1e-5).same
     for i, s in a["optimizer"]["state"].items():  # a full AdamW state, whichever optimizer wrote it
         for k in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(b["optimizer"]["state"][i][k], s[k], rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(b["optimizer"]["state"][i][k], s[k], rtol=1e-3, atol=1e-4)
     assert torch.equal(a["rng"]["noise"], b["rng"]["noise"]) and torch.equal(a["rng"]["coin"], b["rng"]["coin"])
 
 
@@ -183,11 +188,11 @@ def test_compare_runs_measures_how_closely_the_two_ranks_followed_one_process(on
     assert compare_runs.main([str(one_process), str(run)]) == 0
     out = capsys.readouterr().out
     assert f"losses: {STEPS} steps compared; largest relative difference" in out
-    # within 1e-5 on the Intel Xeon of the README's figures; one weight 1.009e-5 apart on an AMD EPYC: either way the same run
+    # within 1e-5 on the Intel Xeon with the classic layout; past it on an AMD EPYC and with the modern layout: the same run
     assert "verdict: the same run (every difference within rtol 1e-05 / atol 1e-05)" in out or \
            "verdict: the same run up to float32 summation order" in out, out
     rel, _, n = compare_runs.loss_difference(one_process, run)
-    assert n == STEPS and 0 <= rel <= 1e-5
+    assert n == STEPS and 0 <= rel <= 1e-3                           # summation-order drift (see assert_follows)
     # a run that did not follow: the same command with another seed is reported, exit status 3
     other = _tiny_run_with(tmp_path / "other", "--seed", "6", capsys)
     assert compare_runs.main([str(one_process), str(other)]) == 3
