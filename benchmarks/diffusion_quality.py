@@ -82,6 +82,11 @@ def _arms() -> dict[str, Arm]:
 
 ARMS: dict[str, Arm] = {}
 
+#: The order of the table's rows (`--table`; others follow, sorted): the layouts, the package, the components, the objective.
+TABLE_ORDER = ("classic", "modern", "ddpm", "classic+rmsnorm", "classic+mem_kv", "classic+unscaled_values",
+               "classic+full_attn", "classic@objective=pred_v", "modern@objective=pred_v",
+               "modern+weight_standardization@objective=pred_v")
+
 # What an arm's "@field=value" suffix may change: the training recipe, not the budget or the data.
 RECIPE_FIELDS = ("objective", "lr", "beta_schedule", "ema_decay", "ema_after", "batch_size", "max_grad_norm", "weight_decay")
 
@@ -211,7 +216,8 @@ def table(folder: Path, arms: Optional[Sequence[str]] = None) -> str:
             results.setdefault(name, []).append(json.loads(path.read_text()))
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: not a result this command wrote ({e})") from None
-    order = [a for a in (arms or ARMS) if a in results] + sorted(set(results) - set(arms or ARMS))
+    first = list(arms or TABLE_ORDER)
+    order = [a for a in first if a in results] + sorted(set(results) - set(first))
     lines = ["| arm | FCD per training seed (mean of its sampling seeds) | mean FCD (all runs) | spread of run means | "
              "disks / crosses / triangles (mean count) | final loss |", "|---|---|---|---|---|---|"]
     for name in order:

@@ -92,3 +92,16 @@ def test_item_10_needs_the_benchmarks_extra_and_otherwise_yields_no_row():
         pytest.skip("denoising-diffusion-pytorch is not installed (pip install -e \".[benchmarks]\"): item 10's row is not built")
     (row,) = rows
     row.check()                                                      # the modern layout's step equals the package's
+
+
+def test_the_readme_table_is_what_the_committed_results_give():
+    """The main job's README shows the comparison's table as ``--table`` prints it from the results in the
+    repository, not typed by hand."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    expected = diffusion_quality.table(repo / "benchmarks" / "diffusion_quality_runs")
+    readme = (repo / "examples" / "diffusion" / "README.md").read_text()
+    assert expected in readme
+    assert expected.count("\n") + 1 == 2 + len(diffusion_quality.TABLE_ORDER)   # every arm shown, with 3 seeds each
+    assert all(row.count("s0:") and row.count("s2:") for row in expected.splitlines()[2:])
