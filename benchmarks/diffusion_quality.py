@@ -4,7 +4,8 @@ Every arm trains on the same data with the same streams: the main job's 20,000 s
 batch indices, times and noise at every step (:func:`examples.diffusion.training.make_generators`
 from the training seed), AdamW (lr 2e-3, betas 0.9/0.99, no weight decay: Adam), gradient clipping
 at 1, the EMA rule of the main job (copy until step 100, then decay 0.995), the CPU preset's sizes
-(dim 16, mults 1,2,4, 2 heads of 16, 1000 cosine steps, noise prediction). Each trained EMA is
+(dim 16, mults 1,2,4, 2 heads of 16, 1000 cosine steps, noise prediction unless the arm's name says
+``@objective=...``). Each trained EMA is
 sampled with the main job's DDIM sampler (50 steps, eta 1) from several sampling seeds, and scored
 by :mod:`examples.diffusion.quality` (Fréchet classifier distance over 500 samples; one judge for
 the whole run).
@@ -117,28 +118,24 @@ def arm(name: str) -> Arm:
     return Arm(found.description + "".join(f", {k} {v}" for k, v in training.items()), found.options, found.reference, training)
 
 
+#: The recipe every arm starts from: the CPU preset with noise prediction, the objective the comparison
+#: began with (an arm's ``@objective=...`` changes it); the layout and weight standardization are the arm's.
+BASE_RECIPE = {"objective": "pred_noise"}
+
+
 def config(seed: int, steps: int):
-    """The CPU preset of the main job with training seed ``seed`` and ``steps`` optimizer steps."""
+    """The CPU preset of the main job, with :data:`BASE_RECIPE`, training seed ``seed`` and ``steps`` optimizer steps."""
     from examples.diffusion.config import PRESETS, TrainConfig
 
-    return TrainConfig(**{**PRESETS["cpu"], "seed": seed, "steps": steps})
+    return TrainConfig(**{**PRESETS["cpu"], **BASE_RECIPE, "seed": seed, "steps": steps})
 
 
 def _reference(cfg, reference_path: Optional[str]) -> tuple[nn.Module, Callable[[Tensor, Tensor, Tensor], Tensor]]:
-    """The package's ``Unet`` (built from ``cfg.seed``: the modern layout's weights, value for value) and its own
-    training loss ``loss(x0, t, noise)``: its ``GaussianDiffusion.p_losses`` with the run's schedule and objective."""
-    from benchmarks.reference_unet import load_diffusion_code
+    """The package's ``Unet`` (:func:`benchmarks.reference_unet.build`) and its own training loss
+    ``loss(x0, t, noise)``: its ``GaussianDiffusion.p_losses`` with the run's schedule and objective."""
+    from benchmarks.reference_unet import build
 
-    code = load_diffusion_code(reference_path)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        kwargs = dict(dim=cfg.dim, dim_mults=cfg.dim_mults, channels=cfg.channels)
-        try:
-            module = code.Unet(**kwargs, attn_heads=cfg.attn_heads, attn_dim_head=cfg.attn_dim_head)
-        except TypeError:  # releases before 1.6 have fixed attention sizes (4 heads of 32)
-            module = code.Unet(**kwargs, resnet_block_groups=cfg.resnet_block_groups)
-    process = code.GaussianDiffusion(module, image_size=cfg.image_size, timesteps=cfg.timesteps, objective=cfg.objective,
-                                     beta_schedule=cfg.beta_schedule)
+    module, process = build(cfg, reference_path)
     return module, lambda x0, t, noise: process.p_losses(x0, t, noise=noise)
 
 

@@ -90,15 +90,10 @@ def _pfunc_step(cfg, device: torch.device, x0: Tensor, t: Tensor, noise: Tensor)
 def _reference_step(cfg, device: torch.device, x0: Tensor, t: Tensor, noise: Tensor) -> Callable[[], Tensor]:
     from examples.diffusion.training import ADAMW_BETAS, update_ema
 
-    from .reference_unet import load_diffusion_code
+    from .reference_unet import build
 
-    code = load_diffusion_code()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)       # as build_model: the modern layout's weights, value for value
-        module: nn.Module = code.Unet(dim=cfg.dim, dim_mults=cfg.dim_mults, channels=cfg.channels,
-                                      attn_heads=cfg.attn_heads, attn_dim_head=cfg.attn_dim_head).to(device)
-    process = code.GaussianDiffusion(module, image_size=cfg.image_size, timesteps=cfg.timesteps, objective=cfg.objective,
-                                     beta_schedule=cfg.beta_schedule).to(device)
+    module, process = build(cfg)          # the modern layout's weights, value for value
+    module, process = module.to(device), process.to(device)
     params = dict(module.named_parameters())
     ema = {k: v.detach().clone() for k, v in params.items()}
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=ADAMW_BETAS, weight_decay=cfg.weight_decay)

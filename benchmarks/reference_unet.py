@@ -18,9 +18,9 @@ import pathlib
 import re
 import types
 import zipfile
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
-__all__ = ["ReferenceUnavailable", "package_folder", "load_model_code", "load_diffusion_code", "version"]
+__all__ = ["ReferenceUnavailable", "package_folder", "load_model_code", "load_diffusion_code", "build", "version"]
 
 PACKAGE = "denoising_diffusion_pytorch"
 # Imports of the package's module that its model code does not use (data, training, FID, type checks).
@@ -102,3 +102,22 @@ def _load(where: Union[str, pathlib.Path, None], whole: bool) -> types.ModuleTyp
     if f"from {PACKAGE}.attend import Attend" in source:
         namespace["Attend"] = _exec(f"{PACKAGE}_attend", attend_file.read_text(), str(attend_file)).Attend
     return _exec(f"{PACKAGE}_model", model_code, str(source_file), namespace)
+
+
+def build(cfg: Any, where: Union[str, pathlib.Path, None] = None) -> tuple[Any, Any]:
+    """``(unet, process)``: the package's ``Unet`` with the sizes of ``cfg`` (an ``examples.diffusion`` ``TrainConfig``),
+    built under ``torch.manual_seed(cfg.seed)`` as the main job builds its own (so 2.x gives the modern layout's
+    weights value for value), and its ``GaussianDiffusion`` with ``cfg``'s image size, steps, objective and schedule."""
+    import torch
+
+    code = load_diffusion_code(where)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        sizes = dict(dim=cfg.dim, dim_mults=cfg.dim_mults, channels=cfg.channels)
+        try:
+            unet = code.Unet(**sizes, attn_heads=cfg.attn_heads, attn_dim_head=cfg.attn_dim_head)
+        except TypeError:  # releases before 1.6 have fixed attention sizes (4 heads of 32)
+            unet = code.Unet(**sizes, resnet_block_groups=cfg.resnet_block_groups)
+    process = code.GaussianDiffusion(unet, image_size=cfg.image_size, timesteps=cfg.timesteps, objective=cfg.objective,
+                                     beta_schedule=cfg.beta_schedule)
+    return unet, process

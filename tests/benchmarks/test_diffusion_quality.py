@@ -105,3 +105,12 @@ def test_the_readme_table_is_what_the_committed_results_give():
     assert expected in readme
     assert expected.count("\n") + 1 == 2 + len(diffusion_quality.TABLE_ORDER)   # every arm shown, with 3 seeds each
     assert all(row.count("s0:") and row.count("s2:") for row in expected.splitlines()[2:])
+
+
+def test_arms_predict_the_noise_unless_their_name_says_otherwise_whatever_the_presets_default():
+    diffusion_quality.ARMS.update(diffusion_quality._arms())
+    assert diffusion_quality.config(0, 10).objective == "pred_noise"
+    assert diffusion_quality.arm("modern").training == {}
+    assert diffusion_quality.arm("modern@objective=pred_v").training == {"objective": "pred_v"}
+    assert diffusion_quality.arm("classic").options["weight_standardization"] is True
+    assert diffusion_quality.arm("modern").options["weight_standardization"] is False
