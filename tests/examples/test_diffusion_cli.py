@@ -203,7 +203,8 @@ def test_resume_with_a_different_model_flag_names_every_difference(finished_run,
 
 
 def test_a_checkpoint_from_before_the_layout_flag_resumes_in_the_classic_layout_it_was_trained_in(capsys, tmp_path):
-    assert main([*TINY, "--layout", "classic", "--steps", "2", "--results-dir", str(tmp_path / "runs")]) == 0
+    # trained as every run was before the flags: classic layout, weight standardization on
+    assert main([*TINY, "--layout", "classic", "--weight-standardization", "--steps", "2", "--results-dir", str(tmp_path / "runs")]) == 0
     (run,) = list((tmp_path / "runs").iterdir())
     ckpt = load_checkpoint(run / "checkpoint.pt")
     del ckpt["config"]["layout"], ckpt["config"]["weight_standardization"]   # as written before the flags existed
