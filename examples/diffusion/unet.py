@@ -59,7 +59,8 @@ __all__ = [
     "Upsample",
     "Unet",
     "LAYOUTS",
-    "NORMS",
+    "BLOCK_NORMS",
+    "ATTENTION_NORMS",
     "weight_standardization_spec",
     "parametrize_unet",
 ]
@@ -119,8 +120,8 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, dim_out: int, groups: int = 8, norm: str = "groupnorm"):
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"Block: norm must be one of {NORMS}, got {norm!r}")
+        if norm not in BLOCK_NORMS:
+            raise ValueError(f"Block: norm must be 'groupnorm' or 'rmsnorm', got {norm!r}")
         if norm == "groupnorm" and dim_out % groups:
             raise ValueError(f"Block: dim_out={dim_out} is not divisible by groups={groups} (GroupNorm)")
         self.proj = nn.Conv2d(dim, dim_out, 3, padding=1)
@@ -185,13 +186,14 @@ class RMSNorm(nn.Module):
         return x * (inverse_norm * (self.g * self.scale))
 
 
-#: The per-channel norms a :class:`Block` (``"groupnorm"``, ``"rmsnorm"``) and the attention layers
-#: (``"layernorm"``, ``"rmsnorm"``) may use.
-NORMS = ("groupnorm", "layernorm", "rmsnorm")
+#: The norms a :class:`Block` may use after its conv.
+BLOCK_NORMS = ("groupnorm", "rmsnorm")
+#: The per-channel norms before attention and after linear attention's output conv.
+ATTENTION_NORMS = ("layernorm", "rmsnorm")
 
 
 def _channel_norm(kind: str, dim: int) -> nn.Module:
-    if kind not in ("layernorm", "rmsnorm"):
+    if kind not in ATTENTION_NORMS:
         raise ValueError(f"attention norm must be 'layernorm' or 'rmsnorm', got {kind!r}")
     return LayerNorm(dim) if kind == "layernorm" else RMSNorm(dim)
 
@@ -357,9 +359,9 @@ class Unet(nn.Module):
         full_attn_innermost: bool = False,
     ):
         super().__init__()
-        if block_norm not in ("groupnorm", "rmsnorm"):
+        if block_norm not in BLOCK_NORMS:
             raise ValueError(f"Unet: block_norm must be 'groupnorm' or 'rmsnorm', got {block_norm!r}")
-        if attn_norm not in ("layernorm", "rmsnorm"):
+        if attn_norm not in ATTENTION_NORMS:
             raise ValueError(f"Unet: attn_norm must be 'layernorm' or 'rmsnorm', got {attn_norm!r}")
         if not isinstance(num_mem_kv, int) or isinstance(num_mem_kv, bool) or num_mem_kv < 0:
             raise ValueError(f"Unet: num_mem_kv must be a non-negative integer, got {num_mem_kv!r}")

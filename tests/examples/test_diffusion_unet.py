@@ -273,3 +273,8 @@ def test_the_modern_layout_ignores_group_counts_that_groupnorm_would_refuse():
     unet, net = layout_unet("modern", resnet_block_groups=3)      # 8 channels are not 3 groups: fine without GroupNorm
     params, state = net.init()
     assert net(params, state, torch.randn(1, 1, 8, 8), torch.tensor([5.0]), training=True)[0].shape == (1, 1, 8, 8)
+
+
+def test_a_block_refuses_a_norm_it_does_not_have_naming_it():
+    with pytest.raises(ValueError, match="Block: norm must be 'groupnorm' or 'rmsnorm', got 'layernorm'"):
+        Block(4, 8, norm="layernorm")            # an attention norm, not a block's
