@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import statistics
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = ["ARMS", "Arm", "train_and_score", "table", "main"]
 
@@ -130,25 +129,16 @@ def config(seed: int, steps: int):
     return TrainConfig(**{**PRESETS["cpu"], **BASE_RECIPE, "seed": seed, "steps": steps})
 
 
-def _reference(cfg, reference_path: Optional[str]) -> tuple[nn.Module, Callable[[Tensor, Tensor, Tensor], Tensor]]:
-    """The package's ``Unet`` (:func:`benchmarks.reference_unet.build`) and its own training loss
-    ``loss(x0, t, noise)``: its ``GaussianDiffusion.p_losses`` with the run's schedule and objective."""
-    from benchmarks.reference_unet import build
-
-    module, process = build(cfg, reference_path)
-    return module, lambda x0, t, noise: process.p_losses(x0, t, noise=noise)
-
-
 def train_and_score(arm: Arm, seed: int, sampling_seeds: Sequence[int], *, steps: int, judge, data: Tensor,
                     reference_path: Optional[str] = None, samples: int = 500, sampling_steps: int = 50,
                     log: Callable[[str], None] = print) -> dict:
     """Train ``arm`` from training seed ``seed`` for ``steps`` steps and score its EMA's ``samples`` images
     (DDIM, ``sampling_steps`` steps, eta 1) from each sampling seed."""
-    import pfunc as pf
+    from benchmarks.reference_unet import stateful_trainer
     from examples.diffusion.model import build_model
     from examples.diffusion.quality import evaluate_shapes
     from examples.diffusion.training import (draw_micro_batch, initial_train_state, make_generators, make_grad_fn,
-                                             make_loss_fn, train_step, update_ema)
+                                             make_loss_fn, train_step)
 
     cfg = config(seed, steps).replace(**arm.training)
     device = torch.device("cpu")
@@ -157,19 +147,10 @@ def train_and_score(arm: Arm, seed: int, sampling_seeds: Sequence[int], *, steps
     losses: list[float] = []
     started = time.process_time()
     if arm.reference:
-        module, reference_loss = _reference(cfg, reference_path)
-        params = dict(module.named_parameters())
-        ema = {k: v.detach().clone() for k, v in params.items()}
-        optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+        module, ema, reference_step = stateful_trainer(cfg, reference_path)
         for step in range(1, steps + 1):
             mb = draw_micro_batch(data, gens, diffusion, False, device)
-            loss = reference_loss(mb.x0, mb.t, mb.noise)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-            optimizer.step()
-            update_ema(ema, params, step, cfg.ema_decay, cfg.ema_every, cfg.ema_after)
-            losses.append(loss.item())
+            losses.append(reference_step(mb.x0, mb.t, mb.noise).item())
             if step % 250 == 0:
                 log(f"  step {step}: loss {statistics.fmean(losses[-250:]):.4f}")
         sampler_module = copy.deepcopy(module).eval()
@@ -213,6 +194,8 @@ def table(folder: Path, arms: Optional[Sequence[str]] = None) -> str:
             results.setdefault(name, []).append(json.loads(path.read_text()))
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: not a result this command wrote ({e})") from None
+    from examples.diffusion.data import SHAPES
+
     first = list(arms or TABLE_ORDER)
     order = [a for a in first if a in results] + sorted(set(results) - set(first))
     lines = ["| arm | FCD per training seed (mean of its sampling seeds) | mean FCD (all runs) | spread of run means | "
@@ -223,8 +206,6 @@ def table(folder: Path, arms: Optional[Sequence[str]] = None) -> str:
         every = [s["fcd"] for r in runs for s in r["scores"]]
         counts = [s["class_counts"] for r in runs for s in r["scores"]]
         mean_counts = [statistics.fmean(c[i] for c in counts) for i in range(len(counts[0]))]
-        from examples.diffusion.data import SHAPES
-
         pick = [mean_counts[SHAPES.index(k)] for k in ("disk", "cross", "triangle") if k in SHAPES]
         lines.append(f"| {name} | " + ", ".join(f"s{r['seed']}: {m:.1f}" for r, m in zip(runs, per_seed))
                      + f" | **{statistics.fmean(every):.1f}** | {min(per_seed):.1f}-{max(per_seed):.1f} | "

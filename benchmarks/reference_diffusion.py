@@ -25,13 +25,14 @@ Reported: images/s (batch / median step time) and the peak of live tensor bytes 
 
 from __future__ import annotations
 
-import copy
-from typing import Any, Callable, Iterator, Optional
+import functools
+from typing import Callable, Iterator, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .comparison import Comparison, Variant
+from .reference_unet import stateful_trainer
 from .sizes import Sizes
 from .timing import Timing, synchronizer
 from .unet import peak_memory_bytes
@@ -87,33 +88,8 @@ def _pfunc_step(cfg, device: torch.device, x0: Tensor, t: Tensor, noise: Tensor)
     return step
 
 
-def _reference_step(cfg, device: torch.device, x0: Tensor, t: Tensor, noise: Tensor) -> Callable[[], Tensor]:
-    from examples.diffusion.training import ADAMW_BETAS, update_ema
-
-    from .reference_unet import build
-
-    module, process = build(cfg)          # the modern layout's weights, value for value
-    module, process = module.to(device), process.to(device)
-    params = dict(module.named_parameters())
-    ema = {k: v.detach().clone() for k, v in params.items()}
-    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=ADAMW_BETAS, weight_decay=cfg.weight_decay)
-    state = {"step": 0}
-
-    def step() -> Tensor:
-        loss = process.p_losses(x0, t, noise=noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        update_ema(ema, params, state["step"], cfg.ema_decay, cfg.ema_every, cfg.ema_after)
-        return loss.detach()
-
-    return step
-
-
 def comparisons(sizes: Sizes, device: torch.device | str = "cpu") -> Iterator[Comparison]:
-    """One row: the three steps on the preset's sizes for ``device`` (none where denoising-diffusion-pytorch is absent)."""
+    """One row: the steps above on the preset's sizes for ``device`` (none where denoising-diffusion-pytorch is absent)."""
     device = torch.device(device)
     if not available():
         return
@@ -124,14 +100,11 @@ def comparisons(sizes: Sizes, device: torch.device | str = "cpu") -> Iterator[Co
     def layout(name: str):
         return cfg.replace(layout=name, weight_standardization=LAYOUTS[name]["weight_standardization"])
 
-    run = {
-        "ddpm": _reference_step(cfg, device, x0, t, noise),
-        "pfunc modern": _pfunc_step(layout("modern"), device, x0, t, noise),
-        "pfunc default": _pfunc_step(cfg, device, x0, t, noise),
-        "pfunc classic": _pfunc_step(layout("classic"), device, x0, t, noise),
-    }
-    if cfg == layout("modern"):
-        del run["pfunc default"]                    # the preset is the modern layout itself
+    _, _, reference_step = stateful_trainer(cfg, device=device)   # the modern layout's weights, value for value
+    run = {"ddpm": functools.partial(reference_step, x0, t, noise), "pfunc modern": _pfunc_step(layout("modern"), device, x0, t, noise)}
+    if cfg != layout("modern"):                     # the preset is another network than the modern layout itself
+        run["pfunc default"] = _pfunc_step(cfg, device, x0, t, noise)
+    run["pfunc classic"] = _pfunc_step(layout("classic"), device, x0, t, noise)
 
     def after(timing: Optional[Timing]) -> dict[str, str]:
         extras = {}

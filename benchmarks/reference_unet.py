@@ -20,7 +20,8 @@ import types
 import zipfile
 from typing import Any, Optional, Union
 
-__all__ = ["ReferenceUnavailable", "package_folder", "load_model_code", "load_diffusion_code", "build", "version"]
+__all__ = ["ReferenceUnavailable", "package_folder", "load_model_code", "load_diffusion_code", "build", "stateful_trainer",
+           "version"]
 
 PACKAGE = "denoising_diffusion_pytorch"
 # Imports of the package's module that its model code does not use (data, training, FID, type checks).
@@ -121,3 +122,35 @@ def build(cfg: Any, where: Union[str, pathlib.Path, None] = None) -> tuple[Any, 
     process = code.GaussianDiffusion(unet, image_size=cfg.image_size, timesteps=cfg.timesteps, objective=cfg.objective,
                                      beta_schedule=cfg.beta_schedule)
     return unet, process
+
+
+def stateful_trainer(cfg: Any, where: Union[str, pathlib.Path, None] = None, device: Any = "cpu") -> tuple[Any, dict, Any]:
+    """``(unet, ema, step)``: the package's network and process (:func:`build`) trained the way its users train it,
+    with the main job's optimizer and EMA rule. ``step(x0, t, noise)`` is one optimizer step on its
+    ``p_losses`` (``loss.backward()``, clipping at ``cfg.max_grad_norm``, AdamW as
+    :func:`examples.diffusion.training.make_optimizer`, then :func:`~examples.diffusion.training.update_ema` on
+    ``ema``, the EMA of the parameters by name) and returns the loss."""
+    import torch
+
+    from examples.diffusion.training import make_optimizer, update_ema
+
+    unet, process = build(cfg, where)
+    unet, process = unet.to(device), process.to(device)
+    params = dict(unet.named_parameters())
+    ema = {k: v.detach().clone() for k, v in params.items()}
+    optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay)
+    steps_done = 0
+
+    def step(x0: Any, t: Any, noise: Any) -> Any:
+        nonlocal steps_done
+        loss = process.p_losses(x0, t, noise=noise)
+        loss.backward()
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps_done += 1
+        update_ema(ema, params, steps_done, cfg.ema_decay, cfg.ema_every, cfg.ema_after)
+        return loss.detach()
+
+    return unet, ema, step
