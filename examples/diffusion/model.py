@@ -1,8 +1,8 @@
 """The model a :class:`~.config.TrainConfig` describes, and drawing images from its weights.
 
 :func:`build_model` makes the Unet (initialised from the config's seed) in the config's layout, its
-pfunc parametrization (weight standardization on every ``Block`` conv in the classic layout) and the
-diffusion process.
+pfunc parametrization (weight standardization on every ``Block`` conv with ``--weight-standardization``,
+the classic layout's default; none otherwise) and the diffusion process.
 :func:`sample_images` draws images from a set of weights (the EMA params, usually) in
 batches, materialising the parametrized weights once and reusing them for every step: the
 explicit cache. Both the training command (its end-of-run samples) and the sampling command
