@@ -9,7 +9,10 @@ power iteration (torch's scheme: ``u <- W v / |W v|, v <- W^T u / |W^T u|``, ``s
 * ``floor``: the batched iteration written by hand with ``@`` on the stack (one-column
   products, ``W @ v[..., None]``: what ``vmap`` makes of ``torch.mv``);
 * ``floor rows``: the same with one-row products (``v[:, None] @ W.mT``), the batched
-  product pfunc's kernel choice picks on CPU for stacks that fit the caches.
+  product pfunc's kernel choice picks on CPU for stacks that fit the caches;
+* ``floor rows vmap``: the one-matrix row form written by hand (``v @ W.mT``, ``u @ W``) in
+  one ``torch.func.vmap`` call: the best the same ``vmap`` runs without pfunc (its fixed cost,
+  about 40 µs a call on CPU, and its op-by-op batching included).
 
 Rows: ``power_count`` matrices of ``power_size`` square, and of each of ``power_extra_shapes``
 (``h x w``). Inputs: ``W ~ N(0, 1/w)``, ``u, v`` random unit vectors; forward only, under
@@ -31,7 +34,7 @@ from .comparison import Comparison, Variant
 from .sizes import Sizes
 from .timing import synchronizer
 
-__all__ = ["comparisons", "normalize_one", "floor_batched", "floor_batched_rows", "Problem", "problem"]
+__all__ = ["comparisons", "normalize_one", "floor_batched", "floor_batched_rows", "floor_one_rows", "Problem", "problem"]
 
 FAMILY_NAME = "power_iteration"
 EPS = 1e-12
@@ -44,27 +47,40 @@ def normalize_one(W: Tensor, u: Tensor, v: Tensor, n_iterations: int) -> tuple[T
 
 
 def floor_batched(Ws: Tensor, us: Tensor, vs: Tensor, n_iterations: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The hand-written batched version on ``(K, n, n)``, ``(K, n)``, ``(K, n)``."""
-    u, v = us, vs
+    """The hand-written batched version on ``(K, h, w)``, ``(K, h)``, ``(K, w)``: one-column products,
+    the vectors kept as ``(K, n, 1)`` columns throughout."""
+    u, v, Wt = us.unsqueeze(-1), vs.unsqueeze(-1), Ws.mT
     for _ in range(n_iterations):
-        u = (Ws @ v.unsqueeze(-1)).squeeze(-1)
-        u = u / u.norm(dim=-1, keepdim=True).clamp_min(EPS)
-        v = (Ws.mT @ u.unsqueeze(-1)).squeeze(-1)
-        v = v / v.norm(dim=-1, keepdim=True).clamp_min(EPS)
-    sigma = (u.unsqueeze(-2) @ Ws @ v.unsqueeze(-1)).squeeze(-1)
-    return Ws / sigma.unsqueeze(-1), u, v
+        u = torch.bmm(Ws, v)
+        u = u / u.norm(dim=-2, keepdim=True).clamp_min(EPS)
+        v = torch.bmm(Wt, u)
+        v = v / v.norm(dim=-2, keepdim=True).clamp_min(EPS)
+    sigma = (u * torch.bmm(Ws, v)).sum(-2, keepdim=True)
+    return Ws / sigma, u.squeeze(-1), v.squeeze(-1)
 
 
 def floor_batched_rows(Ws: Tensor, us: Tensor, vs: Tensor, n_iterations: int) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`floor_batched` with the vectors as one-row left factors (``v^T W^T``, ``u^T W``)."""
-    u, v = us, vs
+    """:func:`floor_batched` with one-row products (``v^T W^T``, ``u^T W``), the vectors kept as ``(K, 1, n)`` rows."""
+    u, v, Wt = us.unsqueeze(-2), vs.unsqueeze(-2), Ws.mT
     for _ in range(n_iterations):
-        u = (v.unsqueeze(-2) @ Ws.mT).squeeze(-2)
+        u = torch.bmm(v, Wt)
         u = u / u.norm(dim=-1, keepdim=True).clamp_min(EPS)
-        v = (u.unsqueeze(-2) @ Ws).squeeze(-2)
+        v = torch.bmm(u, Ws)
         v = v / v.norm(dim=-1, keepdim=True).clamp_min(EPS)
-    sigma = ((v.unsqueeze(-2) @ Ws.mT).squeeze(-2) * u).sum(-1, keepdim=True)
-    return Ws / sigma.unsqueeze(-1), u, v
+    sigma = (torch.bmm(v, Wt) * u).sum(-1, keepdim=True)
+    return Ws / sigma, u.squeeze(-2), v.squeeze(-2)
+
+
+def floor_one_rows(W: Tensor, u: Tensor, v: Tensor, n_iterations: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One matrix by hand in the row form (``v @ W.mT``, ``u @ W``): what ``vmap`` batches into
+    :func:`floor_batched_rows`' products, op by op."""
+    Wt = W.mT
+    for _ in range(n_iterations):
+        u = v @ Wt
+        u = u / u.norm().clamp_min(EPS)
+        v = u @ W
+        v = v / v.norm().clamp_min(EPS)
+    return W / torch.dot(u, v @ Wt), u, v
 
 
 def _torch_layers(Ws: Tensor, us: Tensor, vs: Tensor, n_iterations: int) -> list[nn.Module]:
@@ -120,6 +136,7 @@ def comparison(sizes: Sizes, n_iterations: int, device: torch.device, shape: tup
     h, w = pb.Ws.shape[-2:]
     Ws, us, vs, K = pb.Ws, pb.us, pb.vs, sizes.power_count
     vmapped = torch.func.vmap(lambda W, u, v: normalize_one(W, u, v, n_iterations))
+    vmapped_floor = torch.func.vmap(lambda W, u, v: floor_one_rows(W, u, v, n_iterations))
 
     def no_grad(fn):
         def run():
@@ -140,6 +157,7 @@ def comparison(sizes: Sizes, n_iterations: int, device: torch.device, shape: tup
             "floor rows": Variant(no_grad(lambda: floor_batched_rows(Ws, us, vs, n_iterations)), tuple),
             "torch loop": Variant(no_grad(pb.torch_weights), pb.torch_view),
             "pfunc loop": Variant(no_grad(pfunc_loop), tuple),
+            "floor rows vmap": Variant(no_grad(lambda: vmapped_floor(Ws, us, vs)), tuple),
             "pfunc vmap": Variant(no_grad(lambda: vmapped(Ws, us, vs)), tuple),
         },
         reference="floor",
@@ -148,6 +166,7 @@ def comparison(sizes: Sizes, n_iterations: int, device: torch.device, shape: tup
             ("pfunc vmap", "torch loop"),
             ("pfunc vmap", "floor"),
             ("pfunc vmap", "floor rows"),
+            ("pfunc vmap", "floor rows vmap"),
         ),
         rtol=1e-4,
         atol=1e-5,

@@ -18,18 +18,17 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-PLAIN_UNDER_VMAP = 2
-"""Up to this many iterations an eager ``vmap`` runs plain row-form ops (:func:`iterate_rows`), which
-``vmap`` batches op by op at a few µs an op: for one or two iterations that is below the
-operation's fixed cost (its dispatch and batching rule, ~20 µs more on 16 matrices); from three
-iterations on the operation, which runs each iteration's ops once for the whole stack, is as
-fast or faster (measured: BENCHMARKS.md, item 4's note)."""
+PLAIN_WHEN_COMPILED = 2
+"""Up to this many iterations a call that ``torch.compile`` traces runs plain ops, which inductor
+fuses into code faster than the operation's node (item 5: 0.74x at one iteration on 16 x 256 x 256);
+from three iterations on the node, whose kernel is chosen when it runs, is as fast and compiles in a
+tenth of the time of the unrolled iterations. Eager ``vmap`` always runs the operation: its batching
+rule costs about 7 µs, less than ``vmap`` batching the plain ops one by one (BENCHMARKS.md, item 4)."""
 
 __all__ = [
     "KERNELS",
     "normalize",
     "iterate_mv",
-    "iterate_rows",
     "iterate_batched",
     "iterate_shared",
     "biggan_mv",
@@ -42,9 +41,9 @@ KERNELS = ("loop", "bmm", "bmm row", "elementwise")
 Products = tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]
 
 
-def normalize(x: Tensor, eps: float) -> Tensor:
-    """``x / max(||x||, eps)`` along the last dim (``F.normalize`` without ``out=``)."""
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
+def normalize(x: Tensor, eps: float, dim: int = -1) -> Tensor:
+    """``x / max(||x||, eps)`` along ``dim`` (``F.normalize`` without ``out=``)."""
+    return x / torch.linalg.vector_norm(x, dim=dim, keepdim=True).clamp_min(eps)
 
 
 # ------------------------------------------------------------------------------------ one matrix
@@ -53,16 +52,6 @@ def iterate_mv(W: Tensor, u: Tensor, v: Tensor, n: int, eps: float) -> tuple[Ten
     for _ in range(n):
         u = normalize(torch.mv(W, v), eps)
         v = normalize(torch.mv(W.mH, u), eps)
-    return u, v
-
-
-def iterate_rows(W: Tensor, u: Tensor, v: Tensor, n: int, eps: float) -> tuple[Tensor, Tensor]:
-    """torch's scheme on ``W (h, w)``, ``u (h,)``, ``v (w,)`` with the vectors as one-row left factors (``v^T W^T``, ``u^T W^*``): the same
-    products as :func:`iterate_mv`, in the form whose batched version (what ``vmap`` makes of it)
-    is the ``bmm row`` kernel, or one GEMM when ``W`` is shared by the batch."""
-    for _ in range(n):
-        u = normalize(v @ W.mT, eps)  # 1-D @ 2-D: vmap's matmul rule makes it a one-row bmm, no reshapes
-        v = normalize(u @ W.conj(), eps)
     return u, v
 
 
@@ -111,6 +100,18 @@ def iterate_batched(Ws: Tensor, us: Tensor, vs: Tensor, n: int, eps: float, kern
     if kernel == "loop":
         pairs = [iterate_mv(W, u, v, n, eps) for W, u, v in zip(Ws.unbind(0), us.unbind(0), vs.unbind(0))]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    if kernel == "bmm row":  # the vectors stay (B, 1, n) rows: one bmm, one norm, one division a step
+        u, v, Wt, Wc = us.unsqueeze(-2), vs.unsqueeze(-2), Ws.mT, Ws.conj()
+        for _ in range(n):
+            u = normalize(torch.bmm(v, Wt), eps)
+            v = normalize(torch.bmm(u, Wc), eps)
+        return u.squeeze(-2), v.squeeze(-2)
+    if kernel == "bmm":  # (B, n, 1) columns
+        u, v, WH = us.unsqueeze(-1), vs.unsqueeze(-1), Ws.mH
+        for _ in range(n):
+            u = normalize(torch.bmm(Ws, v), eps, dim=-2)
+            v = normalize(torch.bmm(WH, u), eps, dim=-2)
+        return u.squeeze(-1), v.squeeze(-1)
     Wx, WHy = _products(kernel)
     for _ in range(n):
         us = normalize(Wx(Ws, vs), eps)
@@ -153,7 +154,7 @@ def batched_kernel(device: torch.device, dtype: torch.dtype, B: int, h: int, w: 
     """
     if device.type != "cpu":
         return "bmm"
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if B * h * w * itemsize > _STACK_BYTES and h * w * itemsize >= _MATRIX_BYTES:
         return "loop"
     return "bmm row"

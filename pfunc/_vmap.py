@@ -5,14 +5,18 @@
 with leading batch dims that broadcast. Their ``FuncTorchBatched`` kernel (a batching rule, what
 ``torch.library.register_vmap`` installs, written directly: ``register_vmap``'s generic helper and
 ``custom_op``'s wrappers cost 70-80 µs more per call, as much as a 16 x 64 x 64 iteration) moves this
-vmap level's batch dim to the front and calls the op again, so under ``vmap`` the op sees the
-whole stack and runs the kernel that :func:`pfunc._power_kernels.batched_kernel` picks for the
-device, sizes and dtype (a loop of ``torch.mv``, a one-row or one-column ``bmm``, or an
-elementwise product; one GEMM when the matrix is shared by the batch). Without batch dims the
-op is torch's own scheme, op for op. Under ``torch.compile`` each op is one opaque node (a fake
-kernel gives the shapes), so there is no graph break, and the kernel is chosen when the compiled
-code runs. No autograd formula is needed: the iteration's outputs are detached by definition
-(gradients flow only through ``sigma = u^H W v``, computed outside).
+vmap level's batch dim to the front and runs the whole stack one level down, with ``vmap``'s
+interpreter popped (as torch's own batching rules of ``autograd.Function`` do), so the kernel's
+ops run once for the stack and not through ``vmap``'s dispatch layer one by one. The kernel is
+the one :func:`pfunc._power_kernels.batched_kernel` picks for the device, sizes and dtype (a loop
+of ``torch.mv``, a one-row or one-column ``bmm``, or an elementwise product; one GEMM when the
+matrix is shared by the batch). :func:`power_iteration` and :func:`biggan_power_iteration` enter
+the rule directly when ``vmap`` is the innermost transform (the dispatcher's round trip costs as
+much as the rule). Without batch dims the op is torch's own scheme, op for op. Under
+``torch.compile`` each op is one opaque node (a fake kernel gives the shapes), so there is no graph
+break, and the kernel is chosen when the compiled code runs. No autograd formula is needed: the
+iteration's outputs are detached by definition (gradients flow only through ``sigma = u^H W v``,
+computed outside).
 
 On torch before 2.5 (``HAS_OPS`` false) :mod:`pfunc.power` runs the kernels as plain ops, which
 ``vmap`` batches as one-column ``bmm``.
@@ -27,7 +31,7 @@ from torch import Tensor
 
 from . import _power_kernels as kernels
 
-__all__ = ["is_vmapped", "HAS_OPS"]
+__all__ = ["is_vmapped", "HAS_OPS", "power_iteration", "biggan_power_iteration"]
 
 _functorch = torch._C._functorch
 
@@ -80,6 +84,9 @@ def _unflatten(x: Tensor, batch: torch.Size, core: int) -> Tensor:
 def _power_iteration(W: Tensor, u: Tensor, v: Tensor, n: int, eps: float) -> tuple[Tensor, Tensor]:
     if W.ndim == 2 and u.ndim == 1 and v.ndim == 1:
         return kernels.iterate_mv(W, u, v, n, eps)
+    if W.ndim == 3 and u.ndim == 2 and v.ndim == 2 and W.shape[0] == u.shape[0] == v.shape[0]:
+        B, h, w = W.shape  # the common case (vmap over stacked everything): nothing to broadcast
+        return kernels.iterate_batched(W, u, v, n, eps, kernels.batched_kernel(W.device, W.dtype, B, h, w))
     batch, Wb, (us, vs) = _flatten(W, (u, v), (1, 1))
     if Wb.ndim == 2:
         us, vs = kernels.iterate_shared(Wb, us, vs, n, eps)
@@ -119,32 +126,81 @@ def _to_front(in_dims, tensors: tuple[Tensor, ...], core: tuple[int, ...]) -> tu
     return tuple(out)
 
 
-def _batched(op, W, others, core, rule_args):
+def _batched(op, kernel, W, others, core, rule_args):
     """The ``FuncTorchBatched`` kernel: unwrap this vmap level's batch dims, move them to the front
-    and call ``op`` on the whole batch below this level (``torch.library.register_vmap``'s helper
-    does the same through pytrees and ``custom_op``'s wrappers, at several times the cost per call)."""
+    and run the whole batch one level down, this level's interpreter popped as torch's own
+    batching rules of ``autograd.Function`` do (``interpreter.lower()``), so the kernel's ops do not
+    pass through ``vmap``'s dispatch layer one by one. Plain tensors outside any tracing mode go
+    straight to ``kernel``; tensors still wrapped by an outer transform, or traced (``torch.compile``,
+    ``make_fx``), call ``op`` again, detached, so an outer ``vmap`` batches it and a trace records one
+    node. (``torch.library.register_vmap``'s helper does the same through pytrees and ``custom_op``'s
+    wrappers, at several times the cost per call.)"""
     level = _functorch.peek_interpreter_stack().level()
     tensors, dims = [], []
     for t in (W, *others):
         t, d = _functorch._unwrap_batched(t, level)
         tensors.append(t)
         dims.append(d)
-    with torch._C._ExcludeDispatchKeyGuard(_BATCHED):
-        if all(d is None for d in dims):
-            return op(*tensors, *rule_args)
-        outs = op(*_to_front(dims, tuple(tensors), core), *rule_args)
+    if any(d is not None for d in dims):
+        tensors = _to_front(dims, tuple(tensors), core)
+    direct = torch._C._len_torch_dispatch_stack() == 0 and all(type(t) in _PLAIN for t in tensors)
+    # the kernel's results are detached by definition: nothing it computes may reach autograd
+    tensors = [t.detach() if t.requires_grad or not direct else t for t in tensors]
+    # and eagerly: with no transform left on the stack, a torch.compile that fell back to eager
+    # around this vmap would compile the kernel's frames as graphs of their own (as torch._dynamo.disable)
+    saved = callback = _UNSET
+    try:
+        saved = _functorch.pop_dynamic_layer_stack()
+        callback = _set_eval_frame(None)
+        outs = (kernel if direct else op)(*tensors, *rule_args)
+    finally:  # an exception or a signal in the kernel leaves vmap's stack as it found it
+        if callback is not _UNSET:
+            _set_eval_frame(callback)
+        if saved is not _UNSET:
+            _functorch.push_dynamic_layer_stack(saved)
+    if all(d is None for d in dims):
+        return outs
     return tuple(_functorch._add_batch_dim(o, 0, level) for o in outs)
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+"""Tensor types the kernels run on as they are (a functorch wrapper, a ``FakeTensor`` or another
+subclass goes through the op instead)."""
+
+
+def _call(op, kernel, W, others, core, rule_args):
+    """``op(W, *others, *rule_args)`` on the tensors detached; when the innermost ``torch.func``
+    transform is ``vmap`` and nothing traces, its batching rule is entered directly (the
+    dispatcher's round trip to it costs about as much as the rule itself), and detaches there."""
+    interpreter = _functorch.peek_interpreter_stack()
+    if interpreter is not None and interpreter.key() == _VMAP and torch._C._len_torch_dispatch_stack() == 0:
+        return _batched(op, kernel, W, others, core, rule_args)
+    return op(W.detach(), *(t.detach() for t in others), *rule_args)
+
+
+def power_iteration(W: Tensor, u: Tensor, v: Tensor, n: int, eps: float) -> tuple[Tensor, Tensor]:
+    """``torch.ops.pfunc.power_iteration(W, u, v, n, eps)`` on detached tensors that ``vmap`` may batch."""
+    return _call(torch.ops.pfunc.power_iteration.default, _power_iteration, W, (u, v), (2, 1, 1), (n, eps))
+
+
+def biggan_power_iteration(W: Tensor, us: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``torch.ops.pfunc.biggan_power_iteration(W, us, eps)`` on detached tensors that ``vmap`` may batch."""
+    return _call(torch.ops.pfunc.biggan_power_iteration.default, _biggan_power_iteration, W, (us,), (2, 2), (eps,))
+
+
+_VMAP = _functorch.TransformType.Vmap
+_set_eval_frame = torch._C._dynamo.eval_frame.set_eval_frame
+_UNSET = object()
+
+
 if HAS_OPS:
-    _BATCHED = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchBatched)
     _LIB = torch.library.Library("pfunc", "DEF")  # kept alive: the ops live as long as this module
 
     _LIB.define("power_iteration(Tensor W, Tensor u, Tensor v, int n, float eps) -> (Tensor, Tensor)")
     _LIB.impl("power_iteration", _power_iteration, "CompositeExplicitAutograd")
     _LIB.impl(
         "power_iteration",
-        lambda W, u, v, n, eps: _batched(torch.ops.pfunc.power_iteration.default, W, (u, v), (2, 1, 1), (n, eps)),
+        lambda W, u, v, n, eps: _batched(torch.ops.pfunc.power_iteration.default, _power_iteration, W, (u, v), (2, 1, 1), (n, eps)),
         "FuncTorchBatched",
     )
 
@@ -157,7 +213,7 @@ if HAS_OPS:
     _LIB.impl("biggan_power_iteration", _biggan_power_iteration, "CompositeExplicitAutograd")
     _LIB.impl(
         "biggan_power_iteration",
-        lambda W, us, eps: _batched(torch.ops.pfunc.biggan_power_iteration.default, W, (us,), (2, 2), (eps,)),
+        lambda W, us, eps: _batched(torch.ops.pfunc.biggan_power_iteration.default, _biggan_power_iteration, W, (us,), (2, 2), (eps,)),
         "FuncTorchBatched",
     )
 

@@ -7,13 +7,12 @@ gradients flow only through the final ``sigma = u^T W v``, as in torch's and
 BigGAN's spectral norm.
 
 Outside ``vmap`` the iteration is torch's own scheme, op for op (bitwise torch's
-spectral norm). Under ``vmap`` and under ``torch.compile``, from three iterations a call,
-it is one operation (``torch.ops.pfunc.power_iteration``, in ``pfunc/_vmap.py``) whose
-batching rule runs the kernel measured fastest for the device, sizes and dtype on the
-whole stack at once; one or two iterations run as plain products, which ``vmap`` batches
-(one-row ``bmm`` on CPU) and inductor fuses, for less than the operation's fixed cost
-(``PLAIN_UNDER_VMAP`` in ``pfunc/_power_kernels.py``). BigGAN's iteration is the operation under
-``vmap`` and plain ops under ``torch.compile``.
+spectral norm). Under ``vmap`` it is one operation (``torch.ops.pfunc.power_iteration``, in
+``pfunc/_vmap.py``) whose batching rule runs the kernel measured fastest for the device, sizes
+and dtype on the whole stack at once. Under ``torch.compile``, from three iterations a call, it
+is that operation as one opaque node; one or two iterations are plain products, which inductor
+fuses for less than the node's fixed cost (``PLAIN_WHEN_COMPILED`` in ``pfunc/_power_kernels.py``).
+BigGAN's iteration is the operation under ``vmap`` and plain ops under ``torch.compile``.
 
 >>> W = torch.diag(torch.tensor([3.0, 1.0]))
 >>> u, v = power_iteration(W, torch.tensor([1.0, 1.0]) / 2**0.5, torch.tensor([1.0, 1.0]) / 2**0.5, 20)
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import _power_kernels as kernels
+from . import _vmap
 from ._power_kernels import normalize
 from ._vmap import HAS_OPS, is_vmapped
 
@@ -62,22 +62,16 @@ def power_iteration(W: Tensor, u: Tensor, v: Tensor, n_iterations: int, eps: flo
     Shapes: ``W (h, w)``, ``u (h,)``, ``v (w,)``; returns the new ``(u, v)``, detached.
     """
     if torch.compiler.is_compiling():
-        # from PLAIN_UNDER_VMAP + 1 iterations: one opaque node, whose kernel is chosen when it runs
+        # from PLAIN_WHEN_COMPILED + 1 iterations: one opaque node, whose kernel is chosen when it runs
         # (and compiles in a tenth of the time of 15 unrolled iterations); below, inductor fuses the
         # plain ops into code faster than the node's dispatch (item 5: 0.74x at 16 x 256 x 256)
         W, u, v = W.detach(), u.detach(), v.detach()
-        if n_iterations <= kernels.PLAIN_UNDER_VMAP or not HAS_OPS:
+        if n_iterations <= kernels.PLAIN_WHEN_COMPILED or not HAS_OPS:
             return kernels.iterate_mv(W, u, v, n_iterations, eps)
         return torch.ops.pfunc.power_iteration(W, u, v, n_iterations, eps)
+    if n_iterations > 0 and _vmapped(W, u, v):
+        return _vmap.power_iteration(W, u, v, n_iterations, eps)  # detaches what autograd could track
     W, u, v = _detached(W), _detached(u), _detached(v)
-    if n_iterations <= 0:
-        return u, v
-    if _vmapped(W, u, v):
-        if n_iterations <= kernels.PLAIN_UNDER_VMAP:
-            if W.device.type == "cpu":
-                return kernels.iterate_rows(W, u, v, n_iterations, eps)
-            return kernels.iterate_mv(W, u, v, n_iterations, eps)  # vmap's bmm: the batched product
-        return torch.ops.pfunc.power_iteration(W, u, v, n_iterations, eps)
     return kernels.iterate_mv(W, u, v, n_iterations, eps)
 
 
@@ -120,7 +114,7 @@ def biggan_power_iteration(W: Tensor, us: Tensor, eps: float = 1e-12) -> tuple[T
         return _biggan_svs(W, new_us, new_vs), new_us, new_vs
     Wd, ud = _detached(W), _detached(us)
     if _vmapped(Wd, ud):
-        new_us, new_vs = torch.ops.pfunc.biggan_power_iteration(Wd, ud, eps)
+        new_us, new_vs = _vmap.biggan_power_iteration(Wd, ud, eps)
     else:
         new_us, new_vs = kernels.biggan_mv(Wd, ud, eps)
     return _biggan_svs(W, new_us, new_vs), new_us, new_vs

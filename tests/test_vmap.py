@@ -124,21 +124,83 @@ def test_nested_vmap_equals_the_double_loop(inner, outer):
 
 
 @needs_ops
-@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("n", [1, 2, 3])
 @pytest.mark.parametrize("in_dims", [(0, 0, 0), (None, 0, 0)])
-def test_few_iterations_under_vmap_run_plain_row_products_equal_to_the_operation(n, in_dims, monkeypatch):
+def test_every_iteration_count_under_vmap_runs_the_kernel_once_outside_vmaps_layer(n, in_dims, monkeypatch):
     Ws, us, vs = _problem(5, 6, 4, 11)
     W = Ws if in_dims[0] == 0 else Ws[0]
-    f = lambda W, u, v: power.power_iteration(W, u, v, n)  # noqa: E731
-    calls = []
-    real = kernels.iterate_rows
-    monkeypatch.setattr(kernels, "iterate_rows", lambda *a: calls.append(1) or real(*a))
-    plain = torch.func.vmap(f, in_dims=in_dims)(W, us, vs)
-    assert calls == [1]   # below the operation's fixed cost: vmap batches the row products itself
-    monkeypatch.setattr(kernels, "PLAIN_UNDER_VMAP", 0)
-    op = torch.func.vmap(f, in_dims=in_dims)(W, us, vs)
-    assert calls == [1]   # the operation's batching rule ran its own kernel
-    for a, b in zip(plain, op):
+    layers = []
+    for name in ("iterate_batched", "iterate_shared"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, real=real: layers.append(
+            torch._C._functorch.peek_interpreter_stack()) or real(*a))
+    got = torch.func.vmap(lambda W, u, v: power.power_iteration(W, u, v, n), in_dims=in_dims)(W, us, vs)
+    assert layers == [None]   # one kernel call for the whole stack, its ops not batched one by one
+    expected = _loop(Ws if in_dims[0] == 0 else Ws[:1].expand(5, 6, 4), us, vs, n)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
+@needs_ops
+@pytest.mark.parametrize("in_dims", IN_DIMS)
+def test_entering_the_batching_rule_directly_is_bitwise_the_dispatchers_route(in_dims):
+    Ws, us, vs = _problem(4, 6, 5, 2, dtype=torch.float32)
+    args = [x[0] if d is None else x.movedim(0, d) for x, d in zip((Ws, us, vs), in_dims)]
+    direct = torch.func.vmap(lambda W, u, v: power.power_iteration(W, u, v, 3), in_dims=in_dims)(*args)
+    dispatched = torch.func.vmap(lambda W, u, v: torch.ops.pfunc.power_iteration(W, u, v, 3, 1e-12), in_dims=in_dims)(*args)
+    for a, b in zip(direct, dispatched):
+        assert torch.equal(a, b)
+    us3 = torch.randn(4, 2, 6, generator=torch.Generator().manual_seed(3))
+    direct = torch.func.vmap(power.biggan_power_iteration)(Ws, us3)[1:]
+    dispatched = torch.func.vmap(lambda W, u: torch.ops.pfunc.biggan_power_iteration(W, u, 1e-12))(Ws, us3)
+    for a, b in zip(direct, dispatched):
+        assert torch.equal(a, b)
+
+
+@needs_ops
+def test_the_vmapped_iteration_of_tensors_that_require_grad_returns_detached_vectors():
+    Ws, us, vs = (x.clone().requires_grad_() for x in _problem(3, 5, 4, 0))
+    for n in (1, 3):
+        u, v = torch.func.vmap(lambda W, u, v: power.power_iteration(W, u, v, n))(Ws, us, vs)
+        assert not u.requires_grad and not v.requires_grad
+        for a, b in zip((u, v), _loop(Ws.detach(), us.detach(), vs.detach(), n)):
+            torch.testing.assert_close(a, b)
+    assert Ws.grad is None and us.grad is None
+
+
+@needs_ops
+def test_an_interrupt_in_the_kernel_leaves_vmap_and_dynamo_as_they_were(monkeypatch):
+    Ws, us, vs = _problem(3, 5, 4, 0)
+    f = torch.func.vmap(lambda W, u, v: power.power_iteration(W, u, v, 3))
+    expected = f(Ws, us, vs)
+    callback = torch._C._dynamo.eval_frame.set_eval_frame(None)
+    torch._C._dynamo.eval_frame.set_eval_frame(callback)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kernels, "iterate_batched", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        f(Ws, us, vs)
+    assert torch._C._functorch.peek_interpreter_stack() is None
+    assert torch._C._functorch.get_dynamic_layer_stack_depth() == 0
+    assert torch._C._dynamo.eval_frame.set_eval_frame(callback) is callback   # restored
+    monkeypatch.undo()
+    for a, b in zip(f(Ws, us, vs), expected):
+        assert torch.equal(a, b)
+
+
+@needs_ops
+def test_a_traced_vmap_records_the_operation_as_one_node():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    Ws, us, vs = _problem(4, 6, 5, 0, dtype=torch.float32)
+    f = torch.func.vmap(lambda W, u, v: power.power_iteration(W, u, v, 4))
+    graph = make_fx(f)(Ws, us, vs)
+    calls = [n.target for n in graph.graph.nodes if n.op == "call_function"]
+    assert torch.ops.pfunc.power_iteration.default in calls
+    assert torch.ops.aten.bmm.default not in calls   # the kernel did not run while tracing
+    for a, b in zip(graph(Ws, us, vs), f(Ws, us, vs)):
         torch.testing.assert_close(a, b)
 
 
