@@ -63,12 +63,12 @@ Argnums = Union[int, tuple[int, ...]]
 _functorch = torch._C._functorch
 
 
-def _current_level() -> Any:
-    """The innermost running ``torch.func`` transform's level, ``None`` at the top level."""
-    maybe = getattr(_functorch, "maybe_current_level", None)
-    if maybe is not None:
-        return maybe()
-    return _functorch.peek_interpreter_stack()  # pragma: no cover - torch without maybe_current_level
+def _in_transform() -> bool:
+    """Whether a ``torch.func`` transform is running. (The depth of functorch's layer stack, which
+    dynamo traces to the right constant; it breaks the graph on ``maybe_current_level`` inside a
+    vmapped function, which left a compiled ``pf.ensemble.grad_and_value`` step all eager, and
+    reads ``peek_interpreter_stack() is None`` as false at the top level.)"""
+    return _functorch.get_dynamic_layer_stack_depth() != 0
 
 
 def _check_argnums(api: str, argnums: Any) -> None:
@@ -201,7 +201,7 @@ _NESTING = _Nesting()
 def _outermost() -> bool:
     """Whether a gradient taken now is the outermost one: no ``torch.func`` transform is running
     and no top-level :func:`grad_and_value` is running ``f``."""
-    return _current_level() is None and _NESTING.depth == 0
+    return not _in_transform() and _NESTING.depth == 0
 
 
 def _autograd_ok() -> bool:
@@ -337,7 +337,7 @@ def _func_route(api: str, func: Callable[..., Any], argnums: Argnums, has_aux: b
 def _route(
     api: str, func: Callable[..., Any], argnums: Argnums, has_aux: bool, args: tuple, kwargs: dict, materialize_grads: bool = True
 ) -> Any:
-    if not torch.compiler.is_compiling() and _current_level() is None and _NESTING.depth == 0 and not torch.is_inference_mode_enabled():
+    if not torch.compiler.is_compiling() and not _in_transform() and _NESTING.depth == 0 and not torch.is_inference_mode_enabled():
         return _autograd_route(api, func, argnums, has_aux, args, kwargs, materialize_grads)
     return _func_route(api, func, argnums, has_aux, args, kwargs)
 

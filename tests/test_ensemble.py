@@ -174,6 +174,10 @@ def test_summed_member_route_compiles_without_graph_breaks():
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(step)(params, state, x, ys)
     assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
+    # one graph that holds the step (once it held only a functorch query, the step running eagerly)
+    assert explanation.graph_count == 1
+    code = explanation.graphs[0].print_readable(print_output=False)
+    assert code.count("torch._C._nn.linear") >= 3 and "matrix_exp" in code
     torch._dynamo.reset()
     got = torch.compile(step, backend="aot_eager")(params, state, x, ys)
     expected = step(params, state, x, ys)
