@@ -126,6 +126,11 @@ def _to_front(in_dims, tensors: tuple[Tensor, ...], core: tuple[int, ...]) -> tu
     return tuple(out)
 
 
+def _same_rank(tensors: list[Tensor], core: tuple[int, ...]) -> bool:
+    rank = tensors[0].ndim - core[0]
+    return all(t.ndim - c == rank for t, c in zip(tensors, core))
+
+
 def _batched(op, kernel, W, others, core, rule_args):
     """The ``FuncTorchBatched`` kernel: unwrap this vmap level's batch dims, move them to the front
     and run the whole batch one level down, this level's interpreter popped as torch's own
@@ -137,13 +142,16 @@ def _batched(op, kernel, W, others, core, rule_args):
     wrappers, at several times the cost per call.)"""
     level = _functorch.peek_interpreter_stack().level()
     tensors, dims = [], []
+    direct = torch._C._len_torch_dispatch_stack() == 0
+    front = True  # every tensor batched at dim 0
     for t in (W, *others):
         t, d = _functorch._unwrap_batched(t, level)
         tensors.append(t)
         dims.append(d)
-    if any(d is not None for d in dims):
+        front = front and d == 0
+        direct = direct and type(t) in _PLAIN
+    if not (front and _same_rank(tensors, core)) and any(d is not None for d in dims):
         tensors = _to_front(dims, tuple(tensors), core)
-    direct = torch._C._len_torch_dispatch_stack() == 0 and all(type(t) in _PLAIN for t in tensors)
     # the kernel's results are detached by definition: nothing it computes may reach autograd
     tensors = [t.detach() if t.requires_grad or not direct else t for t in tensors]
     # and eagerly: with no transform left on the stack, a torch.compile that fell back to eager
