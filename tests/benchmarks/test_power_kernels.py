@@ -18,3 +18,8 @@ def test_sweep_stops_on_a_kernel_that_disagrees(monkeypatch):
     monkeypatch.setattr(kernels, "iterate_batched", lambda Ws, us, vs, n, eps, k: tuple(x * 1.01 for x in real(Ws, us, vs, n, eps, k)))
     with pytest.raises(AssertionError):
         list(power_kernels.sweep(sizes=((3, 3),), batches=(2,), budget_s=0.0))
+
+
+def test_vmap_cost_times_vmap_and_its_primitives_on_the_same_tensors():
+    cost = power_kernels.vmap_cost(budget_s=0.0)
+    assert set(cost) == {"torch.func.vmap", "primitives"} and all(v > 0 for v in cost.values())
