@@ -149,7 +149,7 @@ def _batched(op, kernel, W, others, core, rule_args):
         tensors.append(t)
         dims.append(d)
         front = front and d == 0
-        direct = direct and type(t) in _PLAIN
+        direct = direct and type(t) in _PLAIN and not _functorch.is_functorch_wrapped_tensor(t)
     if not (front and _same_rank(tensors, core)) and any(d is not None for d in dims):
         tensors = _to_front(dims, tuple(tensors), core)
     # the kernel's results are detached by definition: nothing it computes may reach autograd
@@ -172,8 +172,9 @@ def _batched(op, kernel, W, others, core, rule_args):
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
-"""Tensor types the kernels run on as they are (a functorch wrapper, a ``FakeTensor`` or another
-subclass goes through the op instead)."""
+"""Tensor types the kernels run on as they are, when no functorch transform wraps them (a ``FakeTensor``
+or another subclass, and a tensor an outer ``jvp``, ``grad`` or ``vmap`` still wraps, go through the op,
+detached: the kernel run on a dual tensor would give its vectors tangents)."""
 
 
 def _call(op, kernel, W, others, core, rule_args):

@@ -168,6 +168,53 @@ def test_the_vmapped_iteration_of_tensors_that_require_grad_returns_detached_vec
     assert Ws.grad is None and us.grad is None
 
 
+def _spectral(n):
+    def sn(W, u, v):
+        u, v = power.power_iteration(W, u, v, n)
+        return W / power.sigma(W, u, v)
+
+    return sn
+
+
+def _biggan(W, us):
+    svs, _, _ = power.biggan_power_iteration(W, us)
+    return W / svs[0]
+
+
+# each composes vmap with another transform around or inside it; each must equal the member-by-member loop
+COMPOSITIONS = {
+    "jvp(vmap)": lambda f, Ws, T, rest: torch.func.jvp(lambda W: torch.func.vmap(f)(W, *rest), (Ws,), (T,))[1],
+    "vmap(jvp)": lambda f, Ws, T, rest: torch.func.vmap(
+        lambda W, t, *r: torch.func.jvp(lambda W: f(W, *r), (W,), (t,))[1])(Ws, T, *rest),
+    "grad(vmap)": lambda f, Ws, T, rest: torch.func.grad(lambda W: (torch.func.vmap(f)(W, *rest) * T).sum())(Ws),
+    "vmap(grad)": lambda f, Ws, T, rest: torch.func.vmap(
+        lambda W, t, *r: torch.func.grad(lambda W: (f(W, *r) * t).sum())(W))(Ws, T, *rest),
+    "vmap(grad(grad))": lambda f, Ws, T, rest: torch.func.vmap(
+        lambda W, t, *r: torch.func.grad(lambda W: (torch.func.grad(lambda W: (f(W, *r) * t).sum())(W) * t).sum())(W))(Ws, T, *rest),
+}
+LOOPS = {
+    "jvp(vmap)": lambda f, W, t, r: torch.func.jvp(lambda W: f(W, *r), (W,), (t,))[1],
+    "grad(vmap)": lambda f, W, t, r: torch.func.grad(lambda W: (f(W, *r) * t).sum())(W),
+    "vmap(grad(grad))": lambda f, W, t, r: torch.func.grad(lambda W: (torch.func.grad(lambda W: (f(W, *r) * t).sum())(W) * t).sum())(W),
+}
+LOOPS["vmap(jvp)"], LOOPS["vmap(grad)"] = LOOPS["jvp(vmap)"], LOOPS["grad(vmap)"]
+
+
+@needs_ops
+@pytest.mark.parametrize("composition", COMPOSITIONS)
+@pytest.mark.parametrize("which", ["torch n=1", "torch n=3", "biggan"])
+def test_vmap_composed_with_jvp_or_grad_equals_the_member_by_member_loop(composition, which):
+    Ws, us, vs = _problem(4, 6, 5, 8)
+    T = torch.randn(Ws.shape, dtype=Ws.dtype, generator=torch.Generator().manual_seed(9))
+    if which == "biggan":
+        f, rest = _biggan, (torch.randn(4, 2, 6, dtype=Ws.dtype, generator=torch.Generator().manual_seed(10)),)
+    else:
+        f, rest = _spectral(int(which[-1])), (us, vs)
+    got = COMPOSITIONS[composition](f, Ws, T, rest)
+    expected = torch.stack([LOOPS[composition](f, Ws[i], T[i], tuple(r[i] for r in rest)) for i in range(4)])
+    torch.testing.assert_close(got, expected)
+
+
 @needs_ops
 def test_an_interrupt_in_the_kernel_leaves_vmap_and_dynamo_as_they_were(monkeypatch):
     Ws, us, vs = _problem(3, 5, 4, 0)
