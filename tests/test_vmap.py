@@ -238,6 +238,34 @@ def test_an_interrupt_in_the_kernel_leaves_vmap_and_dynamo_as_they_were(monkeypa
 
 
 @needs_ops
+def test_two_threads_running_the_vmapped_iteration_at_once_each_get_their_own_results():
+    import threading
+
+    problems = [_problem(5, 7, 6, seed) for seed in (20, 21)]
+    f = torch.func.vmap(lambda W, u, v: power.power_iteration(W, u, v, 4))
+    expected = [f(*p) for p in problems]
+    errors, barrier = [], threading.Barrier(2)
+
+    def run(k):
+        try:
+            barrier.wait()
+            for _ in range(200):
+                for a, b in zip(f(*problems[k]), expected[k]):
+                    assert torch.equal(a, b)
+                # each thread's functorch stack is its own, and left as it was found
+                assert torch._C._functorch.get_dynamic_layer_stack_depth() == 0
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+@needs_ops
 def test_a_traced_vmap_records_the_operation_as_one_node():
     from torch.fx.experimental.proxy_tensor import make_fx
 
