@@ -177,24 +177,34 @@ or another subclass, and a tensor an outer ``jvp``, ``grad`` or ``vmap`` still w
 detached: the kernel run on a dual tensor would give its vectors tangents)."""
 
 
-def _call(op, kernel, W, others, core, rule_args):
-    """``op(W, *others, *rule_args)`` on the tensors detached; when the innermost ``torch.func``
-    transform is ``vmap`` and nothing traces, its batching rule is entered directly (the
-    dispatcher's round trip to it costs about as much as the rule itself), and detaches there."""
+def _power_iteration_rule(W: Tensor, u: Tensor, v: Tensor, n: int, eps: float) -> tuple[Tensor, Tensor]:
+    """``power_iteration``'s batching rule."""
+    return _batched(torch.ops.pfunc.power_iteration.default, _power_iteration, W, (u, v), (2, 1, 1), (n, eps))
+
+
+def _biggan_power_iteration_rule(W: Tensor, us: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``biggan_power_iteration``'s batching rule."""
+    return _batched(torch.ops.pfunc.biggan_power_iteration.default, _biggan_power_iteration, W, (us,), (2, 2), (eps,))
+
+
+def _call(op, rule, *args):
+    """``op(*args)`` on the tensors detached; when the innermost ``torch.func`` transform is ``vmap``
+    and nothing traces, its batching ``rule`` is entered directly (the dispatcher's round trip to it
+    costs about as much as the rule itself), and detaches there."""
     interpreter = _functorch.peek_interpreter_stack()
     if interpreter is not None and interpreter.key() == _VMAP and torch._C._len_torch_dispatch_stack() == 0:
-        return _batched(op, kernel, W, others, core, rule_args)
-    return op(W.detach(), *(t.detach() for t in others), *rule_args)
+        return rule(*args)
+    return op(*(a.detach() if isinstance(a, Tensor) else a for a in args))
 
 
 def power_iteration(W: Tensor, u: Tensor, v: Tensor, n: int, eps: float) -> tuple[Tensor, Tensor]:
     """``torch.ops.pfunc.power_iteration(W, u, v, n, eps)`` on detached tensors that ``vmap`` may batch."""
-    return _call(torch.ops.pfunc.power_iteration.default, _power_iteration, W, (u, v), (2, 1, 1), (n, eps))
+    return _call(torch.ops.pfunc.power_iteration.default, _power_iteration_rule, W, u, v, n, eps)
 
 
 def biggan_power_iteration(W: Tensor, us: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """``torch.ops.pfunc.biggan_power_iteration(W, us, eps)`` on detached tensors that ``vmap`` may batch."""
-    return _call(torch.ops.pfunc.biggan_power_iteration.default, _biggan_power_iteration, W, (us,), (2, 2), (eps,))
+    return _call(torch.ops.pfunc.biggan_power_iteration.default, _biggan_power_iteration_rule, W, us, eps)
 
 
 _VMAP = _functorch.TransformType.Vmap
@@ -207,11 +217,7 @@ if HAS_OPS:
 
     _LIB.define("power_iteration(Tensor W, Tensor u, Tensor v, int n, float eps) -> (Tensor, Tensor)")
     _LIB.impl("power_iteration", _power_iteration, "CompositeExplicitAutograd")
-    _LIB.impl(
-        "power_iteration",
-        lambda W, u, v, n, eps: _batched(torch.ops.pfunc.power_iteration.default, _power_iteration, W, (u, v), (2, 1, 1), (n, eps)),
-        "FuncTorchBatched",
-    )
+    _LIB.impl("power_iteration", _power_iteration_rule, "FuncTorchBatched")
 
     @torch.library.register_fake("pfunc::power_iteration", lib=_LIB)
     def _(W, u, v, n, eps):
@@ -220,11 +226,7 @@ if HAS_OPS:
 
     _LIB.define("biggan_power_iteration(Tensor W, Tensor us, float eps) -> (Tensor, Tensor)")
     _LIB.impl("biggan_power_iteration", _biggan_power_iteration, "CompositeExplicitAutograd")
-    _LIB.impl(
-        "biggan_power_iteration",
-        lambda W, us, eps: _batched(torch.ops.pfunc.biggan_power_iteration.default, _biggan_power_iteration, W, (us,), (2, 2), (eps,)),
-        "FuncTorchBatched",
-    )
+    _LIB.impl("biggan_power_iteration", _biggan_power_iteration_rule, "FuncTorchBatched")
 
     @torch.library.register_fake("pfunc::biggan_power_iteration", lib=_LIB)
     def _(W, us, eps):

@@ -112,11 +112,10 @@ def biggan_power_iteration(W: Tensor, us: Tensor, eps: float = 1e-12) -> tuple[T
     if torch.compiler.is_compiling():  # one iteration: inductor fuses the plain ops (see power_iteration)
         new_us, new_vs = kernels.biggan_mv(W.detach(), us.detach(), eps)
         return _biggan_svs(W, new_us, new_vs), new_us, new_vs
-    Wd, ud = _detached(W), _detached(us)
-    if _vmapped(Wd, ud):
-        new_us, new_vs = _vmap.biggan_power_iteration(Wd, ud, eps)
+    if _vmapped(W, us):
+        new_us, new_vs = _vmap.biggan_power_iteration(W, us, eps)  # detaches what autograd could track
     else:
-        new_us, new_vs = kernels.biggan_mv(Wd, ud, eps)
+        new_us, new_vs = kernels.biggan_mv(_detached(W), _detached(us), eps)
     return _biggan_svs(W, new_us, new_vs), new_us, new_vs
 
 
