@@ -24,7 +24,6 @@ Run ``python -m benchmarks.call_stages`` (about 30 s); ``--quick`` for a short l
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 from dataclasses import dataclass
@@ -51,16 +50,10 @@ class Stages:
     thunks: dict[str, Callable[[], Any]]
 
 
-def _plain_copy(module: nn.Module, values: dict[str, Tensor]) -> nn.Module:
-    """A plain (unparametrized) module of the same structure holding ``values``."""
-    plain = copy.deepcopy(module)
-    for name, _ in list(plain.named_parameters()):
-        *path, leaf = name.split(".")
-        owner = plain.get_submodule(".".join(path))
-        if leaf not in owner._parameters:  # a parametrized name: the torch twin's property; not here
-            continue
-        owner._parameters[leaf] = nn.Parameter(values[name].detach().clone())
-    return plain
+def _holding(module: nn.Module, values: dict[str, Tensor]) -> nn.Module:
+    """``module`` (plain, unparametrized) holding ``values``: every tensor by its plain name."""
+    module.load_state_dict(values)
+    return module
 
 
 def _layer_row(family: str, training: bool, sizes: Sizes) -> Stages:
@@ -70,10 +63,7 @@ def _layer_row(family: str, training: bool, sizes: Sizes) -> Stages:
     net, params, state, t = tw.net, tw.params, tw.state, tw.floor_tensors
     x = torch.randn(sizes.batch, sizes.width, generator=torch.Generator().manual_seed(1))
     values, _ = net.materialize(params, state, training=training)
-    plain = nn.Linear(sizes.width, sizes.width)
-    with torch.no_grad():
-        plain.weight.copy_(values["weight"])
-        plain.bias.copy_(values["bias"])
+    plain = _holding(model.make(sizes), values)
     W, b = values["weight"], values["bias"]
     return Stages(
         f"layer, {family}, {'train' if training else 'eval'}, fwd",
@@ -95,7 +85,7 @@ def _rnn_row(sizes: Sizes) -> Stages:
     net, params, state, t = tw.net, tw.params, tw.state, tw.floor_tensors
     xs = _inputs(sizes, torch.device("cpu"))
     values, _ = net.materialize(params, state, training=True)
-    plain = _plain_copy(type(tw.torch_module)(sizes.rnn_width), values)
+    plain = _holding(type(tw.torch_module)(sizes.rnn_width), values)
     W = values["cell.weight"]
 
     def layer_math() -> Tensor:

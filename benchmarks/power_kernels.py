@@ -46,7 +46,7 @@ def _kernel(name: str) -> Callable[[Tensor, Tensor, Tensor, int], tuple[Tensor, 
     return lambda Ws, us, vs, n: kernels.iterate_batched(Ws, us, vs, n, EPS, name)
 
 
-KERNELS = ("loop", "bmm", "bmm row", "elementwise")
+KERNELS = kernels.KERNELS
 VMAPPED = "pfunc vmap"
 
 SIZES = ((32, 32), (64, 64), (128, 128), (256, 256), (512, 512), (1024, 256), (256, 1024))
